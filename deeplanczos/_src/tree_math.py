@@ -1,0 +1,60 @@
+"""Leaf-wise linear algebra on parameter-shaped pytrees.
+
+Vectors are never flattened: each leaf keeps its shape, dtype and sharding, and
+every reduction is a sum of per-leaf reductions (as optax's power iteration
+does), so a vector sharded over a mesh is reduced on device.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def accumulation_dtype(dtype):
+  """The dtype reductions are carried out in: at least float32."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def tree_vdot(x, y):
+  """Inner product ``<x, y>`` of two pytrees, accumulated in >= float32."""
+  def leaf(a, b):
+    dt = accumulation_dtype(jnp.result_type(a, b))
+    return jnp.vdot(a.astype(dt), b.astype(dt))
+  return sum(jax.tree.leaves(jax.tree.map(leaf, x, y)))
+
+
+def tree_norm(x):
+  """Euclidean norm of a pytree, accumulated in >= float32."""
+  return jnp.sqrt(tree_vdot(x, x))
+
+
+def tree_scale(x, s):
+  """``s * x``, keeping every leaf's dtype."""
+  return jax.tree.map(lambda a: (a * s).astype(a.dtype), x)
+
+
+def tree_axpy(a, x, y):
+  """``a * x + y``, keeping the dtypes of ``y``."""
+  return jax.tree.map(lambda u, v: (a * u + v).astype(v.dtype), x, y)
+
+
+def tree_random_normal(key, like):
+  """Standard normal pytree with ``like``'s structure, shapes and dtypes."""
+  leaves, treedef = jax.tree.flatten(like)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([
+      jax.random.normal(k, l.shape, dtype=l.dtype)
+      for k, l in zip(keys, leaves)])
+
+
+def tree_rademacher(key, like):
+  """Random +-1 pytree with ``like``'s structure, shapes and dtypes."""
+  leaves, treedef = jax.tree.flatten(like)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([
+      jax.random.rademacher(k, l.shape, dtype=l.dtype)
+      for k, l in zip(keys, leaves)])
+
+
+def tree_size(x):
+  """Total number of scalars in a pytree."""
+  return sum(int(jnp.size(l)) for l in jax.tree.leaves(x))

@@ -1,0 +1,43 @@
+"""deeplanczos: Hessian eigenvalues of deep-network losses, in JAX, on a mesh."""
+
+import pathlib
+
+import setuptools
+
+HERE = pathlib.Path(__file__).parent
+
+setuptools.setup(
+    name="deeplanczos",
+    version="0.1.0",
+    description=("Matrix-free Hessian eigenvalues (power method, Lanczos) of "
+                 "deep-network losses over a whole dataset, sharded on a "
+                 "device mesh"),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["deeplanczos", "deeplanczos.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "jaxlib>=0.7",
+        "flax>=0.10",
+        "grain>=0.2.12",
+        "absl-py",
+        "ml-collections",
+        "optax",
+        "tqdm",
+        "numpy",
+        "matplotlib",
+        "scikit-learn",
+    ],
+    extras_require={
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12]"],
+        "test": ["pytest", "scipy", "scikit-learn"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
