@@ -77,3 +77,10 @@ def quadratic_problem(eigenvalues, seed=0, shapes=((3,), (2, 2))):
     return 0.5 * jnp.mean(yb * (xb @ v) ** 2)
 
   return loss, params, x, y, q @ np.diag(eigenvalues) @ q.T
+
+
+def user_task(config):
+  """A user's own ``module:function`` task for the launcher."""
+  del config
+  loss, params, x, y = mlp_problem(dtype=np.float32)
+  return loss, params, (x, y)

@@ -200,7 +200,11 @@ class HessianOperator:
         n = jax.tree.leaves(x)[0].shape[0]
         return n * loss(p, x, y).astype(acc_dtype)
 
-      sub = take_subset(self.template, params)
+      # Parameters and v enter replicated over the data axis; marked
+      # device-varying, their derivatives are this device's examples' alone
+      # (no implicit reduction), and the psum below is the only one.
+      sub, v = lax.pcast((take_subset(self.template, params), v), data_axis,
+                         to="varying")
       (value, _), (_, hv) = jax.jvp(jax.value_and_grad(objective), (sub,),
                                      (v,))
       return (lax.psum(hv, data_axis), lax.psum(value, data_axis),
@@ -239,7 +243,7 @@ class HessianOperator:
       raise TypeError("batch_parser must return (x, y) or (x, y, mask); got "
                       f"{_describe(parsed)}.{hint}")
     x, y = parsed[0], parsed[1]
-    mask = parsed[2] if len(parsed) == 3 else None
+    mask = parsed[2] if len(parsed) == 3 else None  # None: all examples real
     dims = _leading_dims((x, y))
     if len(dims) != 1 or None in dims:
       raise ValueError("Every array of x and y must share one leading batch "
@@ -272,19 +276,23 @@ class HessianOperator:
     x, y, mask, n = self._parse(batch)
     self._check_loss(x, y, n)
     padded_n = -(-n // self._local_data) * self._local_data
-    w = np.ones(padded_n, self._acc_dtype)
-    w[n:] = 0
-    if mask is not None:
-      w[:n] = mask
-    padded = padded_n != n or not np.all(w == 1)
+    w = np.zeros(padded_n, self._acc_dtype)
+    w[:n] = 1 if mask is None else mask
+    # The masked program is chosen from facts every process shares (a mask
+    # given, the padded size), never from the mask's values, so that all
+    # processes run the same collectives.
+    padded = padded_n != n or mask is not None
 
-    def to_global(a):
+    def pad(a):
       if padded_n != n:
-        pad = [(0, padded_n - n)] + [(0, 0)] * (np.ndim(a) - 1)
-        a = jnp.pad(a, pad) if isinstance(a, jax.Array) else np.pad(a, pad)
-      return jax.make_array_from_process_local_data(self._batch_sharding, a)
+        widths = [(0, padded_n - n)] + [(0, 0)] * (np.ndim(a) - 1)
+        a = jnp.pad(a, widths) if isinstance(a, jax.Array) else np.pad(a, widths)
+      return a
 
-    x, y, w = jax.tree.map(to_global, (x, y, w))
+    x, y = jax.tree.map(pad, (x, y))
+    x, y, w = jax.tree.map(
+        lambda a: jax.make_array_from_process_local_data(
+            self._batch_sharding, a), (x, y, w))
     return x, y, w, padded
 
   def matvec(self, v, *, where: str = ""):

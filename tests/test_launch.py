@@ -1,0 +1,121 @@
+"""The launcher: in-process on a shrunk config, and as real processes."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from deeplanczos import experiment
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def small_config(name="mlp_digits"):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("small")
+  config.show_pbar = False
+  return config
+
+
+def check_result(workdir, method="power"):
+  result = json.loads((workdir / "result.json").read_text())
+  png = (workdir / f"{method}.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+  return result
+
+
+def test_run_in_process(tmp_path):
+  config = small_config()
+  result = experiment.run(config, str(tmp_path))
+  on_disk = check_result(tmp_path)
+  assert on_disk["eigenvalue"] == result["eigenvalue"]
+  hist = on_disk["history"]
+  assert set(hist) >= {"alpha", "q", "iteration", "eigenvalue", "loss"}
+  assert len(hist["iteration"]) == config.num_iterations
+  assert on_disk["eigenvalue"] == hist["eigenvalue"][-1] > 0
+  assert on_disk["mesh"] == {"data": 8, "model": 1}
+  assert on_disk["num_processes"] == 1 and on_disk["num_examples"] == 1797
+  assert on_disk["config"]["task"] == "mlp_digits"
+  assert {"setup_s", "train_s", "method_s"} <= set(on_disk["timings"])
+
+
+def test_transformer_default_mesh_shards_over_model_axis(tmp_path):
+  result = experiment.run(small_config("transformer_tokens"), str(tmp_path))
+  assert check_result(tmp_path)["mesh"] == {"data": 4, "model": 2}
+  assert np.isfinite(result["eigenvalue"])
+
+
+def test_users_own_task(tmp_path):
+  config = small_config()
+  config.task = "tests.helpers:user_task"
+  result = experiment.run(config, str(tmp_path))
+  assert result["num_examples"] == 60
+
+
+def test_unknown_task(tmp_path):
+  config = small_config()
+  config.task = "tests.helpers:no_such_function"
+  with pytest.raises(ValueError, match="cannot import 'no_such_function'"):
+    experiment.run(config, str(tmp_path))
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch(workdir, devices, *extra):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  cmd = [sys.executable, "-m", "launch.main",
+         "--config=configs/mlp_digits.py:small", f"--workdir={workdir}",
+         "--config.show_pbar=False", *extra]
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=300):
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out
+  return out
+
+
+def test_two_processes_match_one(tmp_path):
+  finish(launch(tmp_path / "one", 1))
+  port = free_port()
+  procs = [launch(tmp_path / f"p{i}", 2, f"--coordinator_address=127.0.0.1:{port}",
+                  "--num_processes=2", f"--process_id={i}") for i in range(2)]
+  for p in procs:
+    finish(p)
+  one = check_result(tmp_path / "one")
+  two = check_result(tmp_path / "p0")
+  assert not (tmp_path / "p1").exists()  # only process 0 writes
+  assert two["num_processes"] == 2 and two["mesh"] == {"data": 4, "model": 1}
+  np.testing.assert_allclose(two["history"]["eigenvalue"],
+                             one["history"]["eigenvalue"], rtol=1e-5)
+
+
+def test_unreachable_coordinator_fails_quickly(tmp_path):
+  proc = launch(tmp_path, 2, f"--coordinator_address=127.0.0.1:{free_port()}",
+                "--num_processes=2", "--process_id=1",
+                "--initialization_timeout=3")
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0
+  assert "Could not reach the coordinator" in out
+
+
+def test_distributed_flags_go_together(tmp_path):
+  proc = launch(tmp_path, 1, "--num_processes=2")
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0 and "go together" in out

@@ -1,0 +1,168 @@
+"""On 8 fake CPU devices: meshes give the one-device numbers, truly sharded."""
+
+import functools
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import pytest
+
+import deeplanczos
+from deeplanczos import models
+from deeplanczos._src import operator as operator_lib
+from deeplanczos._src import sharding as sharding_lib
+from tests import helpers
+
+MESHES = [(8, 1), (4, 2), (2, 4)]
+RULE = functools.partial(deeplanczos.infer_sharding, min_size=1)
+
+
+def wide_mlp_problem(n=61):
+  """An MLP whose leaves the model axis can split, on n examples."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(n, 8))
+  y = rng.integers(0, 4, size=n)
+  model = helpers.TinyMLP(hidden=16, out=4)
+  params = model.init(jax.random.key(0), x[:1])
+
+  def loss(p, xb, yb):
+    logp = jax.nn.log_softmax(model.apply(p, xb))
+    return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], axis=1))
+
+  return loss, params, x, y
+
+
+def test_eight_devices_present():
+  assert jax.device_count() == 8
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  loss, params, x, y = wide_mlp_problem()
+  batches = helpers.batches_of(x, y, [16, 16, 16, 8, 5])
+  v, hist = deeplanczos.PowerMethodIterate(loss, params, batches, 40,
+                                           show_pbar=False)
+  return helpers.flat(v), hist
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_mesh_matches_one_device_and_is_sharded(shape, one_device):
+  v1, hist1 = one_device
+  loss, params, x, y = wide_mlp_problem()
+  # Last batches of 8 and 5 rows: the 5 is padded to 8 rows and masked.
+  batches = helpers.batches_of(x, y, [16, 16, 16, 8, 5])
+  mesh = deeplanczos.make_mesh([("data", shape[0]), ("model", shape[1])])
+  shardings = RULE(params, mesh)
+  sharded = sharding_lib.put(params, shardings)
+  traces = []
+
+  def counted(p, xb, yb):
+    traces.append(jax.tree.leaves(xb)[0].shape)
+    return loss(p, xb, yb)
+
+  v0 = deeplanczos.InitPowerMethodVector(jax.random.key(0), sharded)
+  v, hist = deeplanczos.PowerMethodIterate(counted, sharded, batches, 40,
+                                           V0=v0, show_pbar=False)
+  for key in ("eigenvalue", "alpha", "q"):
+    np.testing.assert_allclose(hist[key], hist1[key], rtol=1e-5, err_msg=key)
+  np.testing.assert_allclose(helpers.flat(v), v1, rtol=1e-5, atol=1e-7)
+  # The vector keeps the parameters' shardings, and really is split.
+  kernel = v["params"]["Dense_0"]["kernel"]  # (8, 16)
+  assert kernel.sharding == shardings["params"]["Dense_0"]["kernel"]
+  assert v0["params"]["Dense_0"]["kernel"].sharding == kernel.sharding
+  assert kernel.addressable_shards[0].data.shape == (8, 16 // shape[1])
+  assert len({s.device for s in kernel.addressable_shards}) == 8
+  # Batch shapes 16, 8 and 5 (padded to a multiple of the data axis, so the
+  # 8 and 5 may share one): each checked once and traced once, not per
+  # iteration. The padded batch traces the loss per example (1 row).
+  assert len(traces) <= 7, traces
+
+
+def test_params_sharded_by_jit_out_shardings_are_kept():
+  loss, params, x, y = wide_mlp_problem()
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  shardings = RULE(params, mesh)
+  made = jax.jit(lambda p: p, out_shardings=shardings)(params)
+  op = operator_lib.HessianOperator(loss, made, [(x, y)])
+  assert op.mesh == mesh
+  assert jax.tree.leaves(op.shardings) == jax.tree.leaves(shardings)
+  v = op.random_vector(jax.random.key(0))
+  hv = op.matvec(v)
+  assert all(a.sharding == s for a, s in
+             zip(jax.tree.leaves(hv), jax.tree.leaves(shardings)))
+  h, _ = helpers.dense_hessian(loss, params, x, y)
+  np.testing.assert_allclose(helpers.flat(hv), h @ helpers.flat(v),
+                             rtol=1e-10, atol=1e-12)
+
+
+def test_infer_sharding_rule():
+  mesh = deeplanczos.make_mesh([("data", 2), ("model", 4)])
+  params = {"big": jnp.zeros((6, 64)), "odd": jnp.zeros((3, 5, 7)),
+            "small": jnp.zeros((8,))}
+  s = deeplanczos.infer_sharding(params, mesh, min_size=16)
+  assert s["big"].spec == P(None, "model")
+  assert s["odd"].spec == P()
+  assert s["small"].spec == P()
+
+
+def test_flax_partitioning_metadata():
+  model = models.Transformer(vocab_size=16, max_len=8, d_model=32,
+                             num_heads=4, num_layers=1, mlp_dim=64)
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  boxed = model.init(jax.random.key(0), tokens)
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  _, params, shardings = sharding_lib.resolve_shardings(boxed, mesh=mesh)
+  spec = nn.get_partition_spec(boxed)
+  flat_specs = jax.tree.leaves(spec, is_leaf=lambda s: isinstance(s, P))
+  assert [s.spec for s in jax.tree.leaves(shardings)] == flat_specs
+  kernel = params["params"]["_Block_0"]["Dense_0"]["kernel"]  # (32, 96)
+  assert kernel.addressable_shards[0].data.shape == (32, 48)
+  assert not any(isinstance(l, flax.core.meta.AxisMetadata)
+                 for l in jax.tree.leaves(params))
+
+
+def test_transformer_on_mesh_matches_one_device():
+  model = models.Transformer(vocab_size=16, max_len=8, d_model=32,
+                             num_heads=4, num_layers=1, mlp_dim=64)
+  x = np.random.default_rng(0).integers(0, 16, size=(24, 8))
+  y = np.roll(x, -1, axis=1)
+  boxed = model.init(jax.random.key(0), x[:1])
+  params = flax.core.meta.unbox(boxed)
+
+  def loss(p, xb, yb):
+    logp = jax.nn.log_softmax(model.apply(p, xb))
+    return -jnp.mean(jnp.take_along_axis(logp, yb[..., None], axis=-1))
+
+  batches = helpers.batches_of(x, y, [8, 8, 8])
+  _, h1 = deeplanczos.PowerMethodIterate(loss, params, batches, 15,
+                                         show_pbar=False)
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  specs = nn.get_partition_spec(boxed)
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                           is_leaf=lambda s: isinstance(s, P))
+  v, h8 = deeplanczos.PowerMethodIterate(loss, params, batches, 15,
+                                         show_pbar=False, mesh=mesh,
+                                         shardings=shardings)
+  np.testing.assert_allclose(h8["eigenvalue"], h1["eigenvalue"], rtol=1e-5)
+  out = v["params"]["_Block_0"]["Dense_1"]["kernel"]  # ("model", None)
+  assert out.sharding.spec == P("model", None)
+
+
+def test_make_mesh_errors():
+  with pytest.raises(ValueError, match="3 devices are present"):
+    deeplanczos.make_mesh([("data", 2), ("model", 2)], jax.devices()[:3])
+  with pytest.raises(ValueError, match="divisible by 3"):
+    deeplanczos.make_mesh([("data", -1), ("model", 3)])
+  mesh = deeplanczos.make_mesh([("data", -1), ("model", 2)])
+  assert dict(mesh.shape) == {"data": 4, "model": 2}
+
+
+def test_mesh_without_data_axis():
+  loss, params, x, y = wide_mlp_problem()
+  mesh = deeplanczos.make_mesh([("batch", 8)])
+  with pytest.raises(ValueError, match="data axis is 'data'"):
+    deeplanczos.PowerMethodIterate(loss, params, [(x, y)], 2, mesh=mesh,
+                                   show_pbar=False)
