@@ -1,0 +1,45 @@
+"""Shared by the benchmarks: timing, tables, machine facts."""
+
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def median_seconds(fn, *args, repeats=20, warmup=2):
+  """Median wall time of ``fn(*args)`` after compilation, blocking on output."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def machine() -> str:
+  d = jax.devices()[0]
+  return (f"{d.platform} ({d.device_kind}), {jax.device_count()} devices, "
+          f"{os.cpu_count()} CPU cores, {platform.python_version()}, "
+          f"jax {jax.__version__}")
+
+
+def table(header, rows) -> str:
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write(name: str, title: str, body: str):
+  """Prints ``body`` and writes it, with the machine, to results/NAME.md."""
+  text = f"# {title}\n\nMachine: {machine()}\n\n{body}\n"
+  print(text)
+  RESULTS.mkdir(exist_ok=True)
+  (RESULTS / f"{name}.md").write_text(text)
