@@ -5,18 +5,36 @@ whole dataset, by the power method and by Lanczos, from Hessian-vector
 products alone, with parameters and vectors sharded over a device mesh.
 """
 
+from deeplanczos._src.density import DensityResult
+from deeplanczos._src.density import spectral_density
+from deeplanczos._src.lanczos import Decomposition
+from deeplanczos._src.lanczos import LanczosResult
+from deeplanczos._src.lanczos import lanczos
+from deeplanczos._src.lanczos import tridiagonalize
 from deeplanczos._src.operator import HessianOperator
 from deeplanczos._src.power import InitPowerMethodVector
 from deeplanczos._src.power import PowerMethodIterate
 from deeplanczos._src.sharding import infer_sharding
 from deeplanczos._src.sharding import make_mesh
+from deeplanczos._src.trace import TraceResult
+from deeplanczos._src.trace import hutchinson
+from deeplanczos._src.trace import hutchpp
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "Decomposition",
+    "DensityResult",
     "HessianOperator",
     "InitPowerMethodVector",
+    "LanczosResult",
     "PowerMethodIterate",
+    "TraceResult",
+    "hutchinson",
+    "hutchpp",
     "infer_sharding",
+    "lanczos",
     "make_mesh",
+    "spectral_density",
+    "tridiagonalize",
 )

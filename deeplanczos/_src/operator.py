@@ -165,6 +165,7 @@ class HessianOperator:
     self._batch_sharding = NamedSharding(self.mesh, P(data_axis))
     self._replicated = sharding_lib.replicated(self.mesh)
     self._checked = set()
+    self._random = {}
     self.num_matvecs = 0
     self.num_examples = None
     self.loss_value = None
@@ -353,15 +354,19 @@ class HessianOperator:
 
   def random_vector(self, key, *, kind: str = "normal", normalize=True):
     """A random vector on ``shardings``, generated sharded under ``jit``."""
-    return random_vector(key, self.template, self.shardings, kind=kind,
-                         normalize=normalize)
+    if (kind, normalize) not in self._random:
+      self._random[kind, normalize] = random_vector_fn(
+          self.template, self.shardings, kind=kind, normalize=normalize)
+    return self._random[kind, normalize](key)
 
 
-def random_vector(key, template, shardings, *, kind="normal", normalize=True):
-  """Random pytree like ``template``, generated directly on ``shardings``.
+def random_vector_fn(template, shardings, *, kind="normal", normalize=True):
+  """A jitted ``key -> vector``: random pytrees like ``template``.
+
+  The vector is generated directly on ``shardings`` (``out_shardings``), so
+  no full copy exists on any one device.
 
   Args:
-    key: a JAX PRNG key.
     template: a pytree of arrays (or ``jax.ShapeDtypeStruct``).
     shardings: the output shardings, a pytree like ``template``.
     kind: ``'normal'`` or ``'rademacher'`` (random signs).
@@ -380,4 +385,4 @@ def random_vector(key, template, shardings, *, kind="normal", normalize=True):
       v = tree_math.tree_scale(v, 1.0 / tree_math.tree_norm(v))
     return v
 
-  return jax.jit(make, out_shardings=shardings)(key)
+  return jax.jit(make, out_shardings=shardings)

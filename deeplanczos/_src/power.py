@@ -38,7 +38,7 @@ def InitPowerMethodVector(rng, P, *, shardings=None, mesh=None):  # pylint: disa
   """
   mesh, params, shardings = sharding_lib.resolve_shardings(
       P, mesh=mesh, shardings=shardings)
-  return operator_lib.random_vector(rng, params, shardings)
+  return operator_lib.random_vector_fn(params, shardings)(rng)
 
 
 @jax.jit

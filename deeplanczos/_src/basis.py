@@ -1,0 +1,98 @@
+"""A Krylov basis stored as a parameter-shaped pytree with a leading axis.
+
+Leaf ``l`` of the basis has shape ``(m, *l.shape)`` and the sharding
+``P(None, *spec_l)``: each slice is a vector with the parameters' sharding.
+Every function here is jitted once per basis shape and takes slot indices as
+traced integers, so nothing recompiles as a recurrence advances.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from deeplanczos._src import tree_math
+
+
+def basis_shardings(shardings):
+  """The basis' shardings: each vector sharding with a leading, unsplit axis."""
+  return jax.tree.map(lambda s: NamedSharding(s.mesh, P(None, *s.spec)),
+                      shardings)
+
+
+def zeros(template, size, shardings):
+  """An all-zero basis of ``size`` vectors like ``template``."""
+  specs = [((size, *t.shape), t.dtype) for t in jax.tree.leaves(template)]
+  treedef = jax.tree.structure(template)
+  make = lambda: treedef.unflatten([jnp.zeros(s, d) for s, d in specs])
+  return jax.jit(make, out_shardings=basis_shardings(shardings))()
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def put(basis, index, v):
+  """``basis[index] = v``."""
+  return jax.tree.map(lambda b, x: b.at[index].set(x.astype(b.dtype)), basis,
+                      v)
+
+
+@jax.jit
+def get(basis, index):
+  """``basis[index]``, a vector."""
+  return jax.tree.map(lambda b: b[index], basis)
+
+
+def _coefficients(basis, v):
+  """``c_i = <basis_i, v>`` for every slot, in >= float32."""
+  def leaf(b, x):
+    dt = tree_math.accumulation_dtype(b.dtype)
+    return jnp.tensordot(b.astype(dt), x.astype(dt), axes=x.ndim)
+  return sum(jax.tree.leaves(jax.tree.map(leaf, basis, v)))
+
+
+def _subtract(basis, v, c):
+  """``v - sum_i c_i basis_i``."""
+  def leaf(b, x):
+    dt = tree_math.accumulation_dtype(b.dtype)
+    return (x.astype(dt) - jnp.tensordot(c.astype(dt), b.astype(dt),
+                                         axes=1)).astype(x.dtype)
+  return jax.tree.map(leaf, basis, v)
+
+
+@jax.jit
+def orthogonalize(basis, v, count):
+  """Removes from ``v`` its components along ``basis[:count]``.
+
+  Classical Gram-Schmidt applied twice ("twice is enough"), so ``v`` is
+  orthogonal to the slots to working precision.
+
+  Returns:
+    ``(w, c, norm)``: the orthogonalized vector, the total coefficients
+    ``c_i = <basis_i, v>`` (zero for slots ``>= count``), and ``||w||``.
+  """
+  size = jax.tree.leaves(basis)[0].shape[0]
+  mask = jnp.arange(size) < count
+  c1 = jnp.where(mask, _coefficients(basis, v), 0)
+  v = _subtract(basis, v, c1)
+  c2 = jnp.where(mask, _coefficients(basis, v), 0)
+  v = _subtract(basis, v, c2)
+  return v, c1 + c2, tree_math.tree_norm(v)
+
+
+def _combination(basis, y):
+  """Vectors ``sum_i y_ij basis_i``, stacked on a leading axis of ``y.shape[1]``."""
+  def leaf(b):
+    dt = tree_math.accumulation_dtype(b.dtype)
+    return jnp.tensordot(y.astype(dt).T, b.astype(dt), axes=1).astype(b.dtype)
+  return jax.tree.map(leaf, basis)
+
+
+combine = jax.jit(_combination)
+# The same with the old basis donated: a restart's new basis (``y`` square,
+# zero-padded) may reuse its buffers.
+rotate = jax.jit(_combination, donate_argnums=0)
+
+
+@jax.jit
+def scale(v, s):
+  return tree_math.tree_scale(v, s)

@@ -1,0 +1,225 @@
+"""Lanczos, SLQ density and trace estimators against dense answers."""
+
+import jax
+import numpy as np
+import pytest
+
+import deeplanczos
+from deeplanczos._src import basis as basis_lib
+from deeplanczos._src import density as density_lib
+from deeplanczos._src import lanczos as lanczos_lib
+from deeplanczos._src import operator as operator_lib
+from tests import helpers
+
+
+@pytest.fixture(scope="module")
+def mlp():
+  loss, params, x, y = helpers.mlp_problem()
+  h, _ = helpers.dense_hessian(loss, params, x, y)
+  w, u = np.linalg.eigh(h)
+  return loss, params, helpers.batches_of(x, y, [16, 16, 16, 12]), h, w, u
+
+
+def unstack(vectors, k):
+  return [helpers.flat(jax.tree.map(lambda a, i=i: a[i], vectors))
+          for i in range(k)]
+
+
+@pytest.mark.parametrize("which,k", [("LA", 5), ("SA", 3), ("LM", 3)])
+def test_mlp_eigenpairs_match_dense(mlp, which, k):
+  loss, params, batches, h, w, u = mlp
+  r = deeplanczos.lanczos(loss, params, batches, k, which=which, tol=1e-10,
+                          show_pbar=False)
+  idx = lanczos_lib.order(w, which)[:k]
+  assert r.converged
+  np.testing.assert_allclose(r.eigenvalues, w[idx], rtol=1e-6)
+  for i, v in enumerate(unstack(r.eigenvectors, k)):
+    assert abs(v @ u[:, idx[i]]) > 0.999
+    true_residual = np.linalg.norm(h @ v - r.eigenvalues[i] * v)
+    assert true_residual <= 1e-10 * abs(r.eigenvalues[i]) + 1e-12
+    np.testing.assert_allclose(r.residuals[i], true_residual, atol=1e-11)
+  assert r.num_hvps < len(w)  # fewer products than a dense Hessian needs
+  assert r.ritz_history.shape == (r.num_hvps, k)
+  np.testing.assert_allclose(r.gap_ratio, w[idx[0]] / w[idx[1]], rtol=1e-6)
+  np.testing.assert_allclose(r.loss, loss(params, *helpers.batches_of(
+      np.concatenate([b[0] for b in batches]),
+      np.concatenate([b[1] for b in batches]), [60])[0]), rtol=1e-12)
+
+
+def test_repeated_eigenvalues_found_through_breakdown():
+  spectrum = [5, 5, 5, 3, 2, 2, 1, 0.5, 0.5, 0.1, -1, -1]
+  loss, params, x, y, h = helpers.quadratic_problem(
+      spectrum, shapes=((4,), (2, 4)))
+  r = deeplanczos.lanczos(loss, params, [(x, y)], 5, tol=1e-10,
+                          show_pbar=False)
+  np.testing.assert_allclose(r.eigenvalues, [5, 5, 5, 3, 2], rtol=1e-10)
+  vs = np.stack(unstack(r.eigenvectors, 5))
+  np.testing.assert_allclose(vs @ vs.T, np.eye(5), atol=1e-10)
+  np.testing.assert_allclose(vs @ h @ vs.T, np.diag(r.eigenvalues),
+                             atol=1e-9)
+
+
+def test_clustered_eigenvalues_with_restarts():
+  rng = np.random.default_rng(0)
+  spectrum = np.concatenate([[10.0, 9.999, 9.998, 5.0],
+                             rng.uniform(-2, 4, size=56)])
+  loss, params, x, y, _ = helpers.quadratic_problem(
+      spectrum, shapes=((10,), (5, 10)))
+  r = deeplanczos.lanczos(loss, params, helpers.batches_of(x, y, [25, 25, 10]),
+                          4, ncv=10, tol=1e-9, max_hvps=2000, show_pbar=False)
+  assert r.converged and r.num_hvps > 10  # restarted, kept 10 vectors
+  np.testing.assert_allclose(r.eigenvalues, [10.0, 9.999, 9.998, 5.0],
+                             rtol=1e-9)
+
+
+def test_early_breakdown():
+  spectrum = [4.0, 3.0, 2.0, 1.0, 0.5, 0.25, 0.125]
+  loss, params, x, y, h = helpers.quadratic_problem(spectrum)
+  w, u = np.linalg.eigh(h)
+  op = operator_lib.HessianOperator(loss, params, [(x, y)])
+  _, unravel = jax.flatten_util.ravel_pytree(params)
+  v0 = unravel(u[:, -1] + u[:, -3])  # in the span of two eigenvectors
+  d = deeplanczos.tridiagonalize(op, v0, 6)
+  assert d.num_steps == 2
+  np.testing.assert_allclose(np.linalg.eigvalsh(d.tridiagonal), [2.0, 4.0],
+                             rtol=1e-12)
+  r = deeplanczos.lanczos(loss, params, [(x, y)], 4, v0=v0, tol=1e-10,
+                          show_pbar=False)
+  np.testing.assert_allclose(r.eigenvalues, [4.0, 3.0, 2.0, 1.0], rtol=1e-10)
+
+
+def test_lanczos_identities_without_restart(mlp):
+  loss, params, batches, h, _, _ = mlp
+  op = operator_lib.HessianOperator(loss, params, batches)
+  steps = 10
+  d = deeplanczos.tridiagonalize(op, op.random_vector(jax.random.key(2)),
+                                 steps)
+  q = np.stack([helpers.flat(jax.tree.map(lambda a, i=i: a[i], d.basis))
+                for i in range(steps)], axis=1)
+  t = d.tridiagonal
+  np.testing.assert_allclose(q.T @ q, np.eye(steps), atol=1e-12)
+  assert np.all(np.triu(t, 2) == 0) and np.all(np.tril(t, -2) == 0)
+  e = np.zeros(steps)
+  e[-1] = 1
+  np.testing.assert_allclose(h @ q, q @ t + np.outer(helpers.flat(d.residual),
+                                                     e), atol=1e-10)
+
+
+def test_slq_density_integrates_to_one_and_matches_histogram(mlp):
+  loss, params, batches, _, w, _ = mlp
+  r = deeplanczos.spectral_density(loss, params, batches, num_probes=10,
+                                   num_steps=len(w), key=jax.random.key(1),
+                                   show_pbar=False)
+  dx = r.grid[1] - r.grid[0]
+  np.testing.assert_allclose(r.density.sum() * dx, 1.0, rtol=1e-6)
+  np.testing.assert_allclose(r.weights.sum(axis=1), 1.0, rtol=1e-10)
+  dense = density_lib.gaussian_density(w[None], np.full((1, len(w)),
+                                                        1 / len(w)),
+                                       r.grid, r.sigma)
+  # Probe noise: 10 probes of a 43-dimensional space.
+  assert np.abs(dense - r.density).sum() * dx < 0.25
+  # Each probe's quadrature has the exact first moment v^T H v.
+  mean = (r.grid * r.density).sum() * dx
+  np.testing.assert_allclose(mean, w.mean(), atol=3 * w.std() / np.sqrt(10))
+  # A probe's Krylov space holds one direction per distinct eigenvalue, so
+  # it breaks down (exactly) before len(w) steps: the network's Hessian has
+  # repeated zero eigenvalues.
+  assert r.num_hvps <= 10 * len(w)
+
+
+def test_slq_few_steps_keeps_extremes(mlp):
+  loss, params, batches, _, w, _ = mlp
+  r = deeplanczos.spectral_density(loss, params, batches, num_probes=2,
+                                   num_steps=12, show_pbar=False)
+  assert np.nanmax(r.nodes) == pytest.approx(w.max(), rel=1e-3)
+  assert r.grid[0] < w.min() and r.grid[-1] > w.max()
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutchpp"])
+def test_trace_within_four_standard_errors(mlp, method):
+  loss, params, batches, h, _, _ = mlp
+  if method == "hutchinson":
+    r = deeplanczos.hutchinson(loss, params, batches, num_probes=40,
+                               show_pbar=False)
+  else:
+    r = deeplanczos.hutchpp(loss, params, batches, num_hvps=45,
+                            show_pbar=False)
+  assert 0 < r.stderr < abs(np.trace(h))
+  assert abs(r.estimate - np.trace(h)) < 4 * r.stderr
+  assert r.num_hvps == (40 if method == "hutchinson" else 45)
+
+
+def test_hutchpp_exact_for_low_rank():
+  spectrum = [6.0, 3.0, 0, 0, 0, 0, 0]
+  loss, params, x, y, _ = helpers.quadratic_problem(spectrum)
+  r = deeplanczos.hutchpp(loss, params, [(x, y)], num_hvps=9,
+                          show_pbar=False)
+  np.testing.assert_allclose(r.estimate, 9.0, rtol=1e-10)
+  np.testing.assert_allclose(r.samples, 0.0, atol=1e-10)
+
+
+def test_per_layer_operator(mlp):
+  loss, params, batches, h, _, _ = mlp
+  paths = [operator_lib.path_str(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(params)]
+  sizes = [a.size for a in jax.tree.leaves(params)]
+  offsets = np.cumsum([0] + sizes)
+  chosen = [i for i, p in enumerate(paths) if "Dense_1" in p]
+  idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in chosen])
+  block = h[np.ix_(idx, idx)]
+  wb = np.linalg.eigvalsh(block)
+  r = deeplanczos.lanczos(loss, params, batches, 3, subset="Dense_1",
+                          tol=1e-10, show_pbar=False)
+  np.testing.assert_allclose(r.eigenvalues, wb[::-1][:3], rtol=1e-6)
+  assert {a.shape for a in jax.tree.leaves(r.eigenvectors)} == {(3, 3),
+                                                                 (3, 5, 3)}
+  assert all("Dense_1" in operator_lib.path_str(p) for p, _ in
+             jax.tree_util.tree_leaves_with_path(r.eigenvectors))
+  _, hist = deeplanczos.PowerMethodIterate(loss, params, batches, 200,
+                                           subset="Dense_1", show_pbar=False)
+  np.testing.assert_allclose(hist["eigenvalue"][-1],
+                             wb[np.argmax(np.abs(wb))], rtol=1e-6)
+  t = deeplanczos.hutchpp(loss, params, batches, subset="Dense_1",
+                          num_hvps=30, show_pbar=False)
+  assert abs(t.estimate - np.trace(block)) < 4 * t.stderr + 1e-9
+  with pytest.raises(ValueError, match="selects no parameter"):
+    deeplanczos.lanczos(loss, params, batches, 3, subset="conv",
+                        show_pbar=False)
+
+
+def test_compiled_once_however_many_steps(mlp):
+  base, params, batches, _, _, _ = mlp
+  counts = []
+  for max_hvps in (8, 40):
+    traces = []
+
+    def loss(p, x, y, traces=traces):
+      traces.append(x.shape)
+      return base(p, x, y)
+
+    before = basis_lib.orthogonalize._cache_size()  # pylint: disable=protected-access
+    deeplanczos.lanczos(loss, params, batches, 3, ncv=7, tol=1e-14,
+                        max_hvps=max_hvps, show_pbar=False)
+    counts.append((len(traces),
+                   basis_lib.orthogonalize._cache_size() - before))  # pylint: disable=protected-access
+  # 40 products, with restarts, trace no more than 8 did.
+  assert counts[1][0] == counts[0][0] == 4
+  assert counts[1][1] == 0
+
+
+def test_bad_arguments(mlp):
+  loss, params, batches, _, w, _ = mlp
+  run = lambda **kw: deeplanczos.lanczos(loss, params, batches,
+                                         show_pbar=False, **kw)
+  with pytest.raises(ValueError, match="which must be one of"):
+    run(k=2, which="BE")
+  with pytest.raises(ValueError, match="k must be an integer from 1"):
+    run(k=0)
+  with pytest.raises(ValueError, match=f"number of parameters \\({len(w)}\\)"):
+    run(k=len(w) + 1)
+  with pytest.raises(ValueError, match="ncv must be an integer larger"):
+    run(k=5, ncv=5)
+  with pytest.raises(ValueError, match="num_steps must be a positive"):
+    deeplanczos.spectral_density(loss, params, batches, num_steps=0)
+  with pytest.raises(ValueError, match="num_hvps must be an integer of at least 3"):
+    deeplanczos.hutchpp(loss, params, batches, num_hvps=2)
