@@ -27,7 +27,10 @@ import optax
 import deeplanczos
 from deeplanczos import data as data_lib
 from deeplanczos import models
+from deeplanczos._src import density as density_lib
+from deeplanczos._src import lanczos as lanczos_lib
 from deeplanczos._src import sharding as sharding_lib
+from deeplanczos._src import trace as trace_lib
 from deeplanczos._src import tree_math
 
 
@@ -45,6 +48,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 256  # global batch of a Hessian pass
   c.num_iterations = 30
   c.tol = 0.0  # stop early at this relative change; 0 runs every iteration
+  c.subset = ""  # a regular expression on parameter paths; "" for all
+  c.lanczos = ml_collections.ConfigDict(
+      {"k": 5, "which": "LA", "ncv": 0, "tol": 1e-6, "max_hvps": 300})
+  c.density = ml_collections.ConfigDict(
+      {"num_probes": 4, "num_steps": 40, "grid_size": 1000, "sigma": 0.0})
+  c.trace = ml_collections.ConfigDict({"estimator": "hutch++", "num_hvps": 60})
   c.mesh_axes = ("data", "model")
   c.mesh_shape = (-1, 1)  # -1: all devices the other axes leave
   c.mesh_shrink = False  # shrink fixed axes to fit the devices present
@@ -185,23 +194,87 @@ def _shardings(task: Task, mesh: Mesh, config):
                                      model_axis=config.model_axis)
 
 
+def _operator(loss, params, dataset, shardings, mesh, config, show_pbar):
+  return deeplanczos.HessianOperator(
+      loss, params, dataset, batch_parser=data_lib.parse_batch, mesh=mesh,
+      shardings=shardings, data_axis=config.data_axis,
+      subset=config.subset or None, show_pbar=show_pbar)
+
+
 def _power(loss, params, dataset, shardings, mesh, config, show_pbar):
-  v, history = deeplanczos.PowerMethodIterate(
+  _, history = deeplanczos.PowerMethodIterate(
       loss, params, dataset, config.num_iterations,
       batch_parser=data_lib.parse_batch, show_pbar=show_pbar,
       tol=config.get("tol") or None, key=jax.random.key(config.seed),
-      mesh=mesh, shardings=shardings, data_axis=config.data_axis)
-  del v
-  return {"eigenvalue": float(history["eigenvalue"][-1]),
-          "history": history}
+      mesh=mesh, shardings=shardings, data_axis=config.data_axis,
+      subset=config.subset or None)
+  return {"eigenvalue": float(history["eigenvalue"][-1]), "history": history,
+          "num_hvps": len(history["iteration"]),
+          "headline": f"eigenvalue {history['eigenvalue'][-1]:.6g}"}
 
 
-def _plot_power(result, path):
+def _lanczos(loss, params, dataset, shardings, mesh, config, show_pbar):
+  c = config.lanczos
+  op = _operator(loss, params, dataset, shardings, mesh, config, False)
+  r = lanczos_lib.lanczos_operator(
+      op, c.k, which=c.which, key=jax.random.key(config.seed),
+      ncv=c.ncv or None, tol=c.tol, max_hvps=c.max_hvps, show_pbar=show_pbar)
+  return {"eigenvalues": r.eigenvalues, "residuals": r.residuals,
+          "relative_residuals": r.residuals / np.abs(r.eigenvalues),
+          "residual_estimates": r.residual_estimates,
+          "converged": r.converged, "gap_ratio": r.gap_ratio,
+          "ritz_history": r.ritz_history, "num_hvps": r.num_hvps,
+          "loss": r.loss,
+          "headline": f"{c.which} eigenvalues {np.round(r.eigenvalues, 6)}"}
+
+
+def _density(loss, params, dataset, shardings, mesh, config, show_pbar):
+  c = config.density
+  op = _operator(loss, params, dataset, shardings, mesh, config, False)
+  r = density_lib.density_operator(
+      op, num_probes=c.num_probes, num_steps=c.num_steps,
+      key=jax.random.key(config.seed), grid_size=c.grid_size,
+      sigma=c.sigma or None, show_pbar=show_pbar)
+  return {"grid": r.grid, "density": r.density, "nodes": r.nodes,
+          "weights": r.weights, "sigma": r.sigma, "num_hvps": r.num_hvps,
+          "headline": (f"eigenvalues in [{np.nanmin(r.nodes):.4g}, "
+                       f"{np.nanmax(r.nodes):.4g}]")}
+
+
+def _trace(loss, params, dataset, shardings, mesh, config, show_pbar):
+  c = config.trace
+  op = _operator(loss, params, dataset, shardings, mesh, config, False)
+  estimators = {"hutch++": trace_lib.hutchpp_operator,
+                "hutchinson": trace_lib.hutchinson_operator}
+  if c.estimator not in estimators:
+    raise ValueError(f"config.trace.estimator must be one of "
+                     f"{sorted(estimators)}; got {c.estimator!r}.")
+  budget = ({"num_hvps": c.num_hvps} if c.estimator == "hutch++"
+            else {"num_probes": c.num_hvps})
+  r = estimators[c.estimator](op, key=jax.random.key(config.seed),
+                              show_pbar=show_pbar, **budget)
+  return {"trace": r.estimate, "stderr": r.stderr, "samples": r.samples,
+          "estimator": r.method, "num_hvps": r.num_hvps,
+          "headline": f"trace {r.estimate:.6g} +- {r.stderr:.2g}"}
+
+
+def _figure(ncols=1):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4), squeeze=False)
+  return plt, fig, axes[0]
+
+
+def _save(plt, fig, path):
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _plot_power(result, path):
+  plt, fig, (a, b) = _figure(2)
   h = result["history"]
-  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
   a.plot(h["iteration"], h["eigenvalue"], marker=".")
   a.set(xlabel="iteration", ylabel="eigenvalue estimate <v, Hv>",
         title=f"dominant eigenvalue: {result['eigenvalue']:.6g}")
@@ -209,12 +282,62 @@ def _plot_power(result, path):
              marker=".")
   b.set(xlabel="iteration", ylabel="1 - q = 1 - |<v_k, v_k+1>|",
         title="eigenvector convergence")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(plt, fig, path)
 
 
-METHODS = {"power": (_power, _plot_power)}
+def _plot_lanczos(result, path):
+  plt, fig, (a, b) = _figure(2)
+  ritz = np.array(result["ritz_history"], dtype=float)
+  steps = np.arange(1, len(ritz) + 1)
+  for i in range(ritz.shape[1]):
+    a.plot(steps, ritz[:, i], label=f"{i + 1}")
+  a.set(xlabel="Hessian-vector products", ylabel="Ritz value",
+        title="Ritz values of the wanted eigenvalues")
+  a.legend(fontsize="small")
+  lam = np.abs(np.array(result["eigenvalues"], dtype=float))
+  pairs = np.arange(1, len(lam) + 1)
+  b.semilogy(pairs, result["relative_residuals"], "o", label="explicit")
+  b.semilogy(pairs, np.maximum(np.array(result["residual_estimates"],
+                                        dtype=float) / lam, 1e-20), "x",
+             label="recurrence estimate")
+  b.set(xlabel="eigenpair", ylabel="||Hv - lambda v|| / |lambda|",
+        title="relative residuals", xticks=pairs)
+  b.legend(fontsize="small")
+  _save(plt, fig, path)
+
+
+def _plot_density(result, path):
+  plt, fig, (a,) = _figure()
+  density = np.asarray(result["density"], dtype=float)
+  a.semilogy(result["grid"], np.maximum(density, 1e-12))
+  a.set(xlabel="eigenvalue", ylabel="density (log scale)",
+        ylim=(max(density.max() * 1e-8, 1e-12), density.max() * 2),
+        title=f"Hessian spectral density (SLQ, sigma={result['sigma']:.2g})")
+  _save(plt, fig, path)
+
+
+def _plot_trace(result, path):
+  plt, fig, (a,) = _figure()
+  samples = np.asarray(result["samples"], dtype=float)
+  offset = result["trace"] - samples.mean()
+  n = np.arange(1, len(samples) + 1)
+  running = offset + np.cumsum(samples) / n
+  spread = np.array([samples[:i].std(ddof=1) / np.sqrt(i) if i > 1 else 0
+                     for i in n])
+  a.plot(n, running, label="estimate")
+  a.fill_between(n, running - 2 * spread, running + 2 * spread, alpha=0.3,
+                 label="+- 2 standard errors")
+  a.set(xlabel="random probes", ylabel="trace estimate",
+        title=f"{result['estimator']}: {result['trace']:.6g} "
+              f"+- {result['stderr']:.2g}")
+  a.legend()
+  _save(plt, fig, path)
+
+
+METHODS = {"power": (_power, _plot_power),
+           "lanczos": (_lanczos, _plot_lanczos),
+           "density": (_density, _plot_density),
+           "trace": (_trace, _plot_trace)}
 
 
 def _jsonable(x):
@@ -227,7 +350,7 @@ def _jsonable(x):
   if isinstance(x, (np.floating, np.integer, np.bool_)):
     return x.item()
   if isinstance(x, float) and not math.isfinite(x):
-    return str(x)
+    return None  # JSON has no NaN or infinity
   return x
 
 
@@ -257,7 +380,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = method(task.loss, params, dataset, shardings, mesh, config,
                   show_pbar=lead and config.get("show_pbar", True))
   end = time.perf_counter()
-  iterations = len(result["history"]["iteration"])
+  headline = result.pop("headline")
   result.update({
       "method": config.method,
       "task": config.task,
@@ -270,7 +393,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "timings": {"setup_s": t_train - start,
                   "train_s": t_method - t_train,
                   "method_s": end - t_method,
-                  "seconds_per_iteration": (end - t_method) / iterations},
+                  "seconds_per_hvp": (end - t_method) / result["num_hvps"]},
       "versions": {"deeplanczos": deeplanczos.__version__,
                    "jax": jax.__version__, "flax": flax.__version__},
       "config": config.to_dict(),
@@ -280,6 +403,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     plot(result, os.path.join(workdir, f"{config.method}.png"))
     with open(os.path.join(workdir, "result.json"), "w") as f:
       json.dump(result, f, indent=2)
-    logging.info("%s on %s: eigenvalue %.6g; results in %s", config.method,
-                 config.task, result.get("eigenvalue", float("nan")), workdir)
+    logging.info("%s on %s: %s; results in %s", config.method, config.task,
+                 headline, workdir)
   return result

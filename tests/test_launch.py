@@ -119,3 +119,30 @@ def test_distributed_flags_go_together(tmp_path):
   proc = launch(tmp_path, 1, "--num_processes=2")
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode != 0 and "go together" in out
+
+
+@pytest.mark.parametrize("name,method", [
+    ("cnn_digits_lanczos", "lanczos"), ("mlp_digits_density", "density"),
+    ("mlp_digits_trace", "trace")])
+def test_methods_write_results(tmp_path, name, method):
+  config = small_config(name)
+  result = experiment.run(config, str(tmp_path))
+  on_disk = check_result(tmp_path, method)
+  assert on_disk["method"] == method and result["num_hvps"] > 0
+  if method == "lanczos":
+    lam = np.array(on_disk["eigenvalues"])
+    assert len(lam) == config.lanczos.k and np.all(np.diff(lam) <= 0)
+    assert len(on_disk["residuals"]) == config.lanczos.k
+  elif method == "density":
+    dx = on_disk["grid"][1] - on_disk["grid"][0]
+    np.testing.assert_allclose(np.sum(on_disk["density"]) * dx, 1.0,
+                               rtol=1e-6)
+  else:
+    assert on_disk["stderr"] > 0 and np.isfinite(on_disk["trace"])
+
+
+def test_power_on_one_layer(tmp_path):
+  config = small_config()
+  config.subset = "Dense_1"
+  result = experiment.run(config, str(tmp_path))
+  assert np.isfinite(result["eigenvalue"])

@@ -166,3 +166,34 @@ def test_mesh_without_data_axis():
   with pytest.raises(ValueError, match="data axis is 'data'"):
     deeplanczos.PowerMethodIterate(loss, params, [(x, y)], 2, mesh=mesh,
                                    show_pbar=False)
+
+
+def test_lanczos_density_trace_on_mesh_match_one_device():
+  loss, params, x, y = wide_mlp_problem()
+  batches = helpers.batches_of(x, y, [16, 16, 16, 8, 5])
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  shardings = RULE(params, mesh)
+  on_mesh = dict(mesh=mesh, shardings=shardings, show_pbar=False)
+  ref = deeplanczos.lanczos(loss, params, batches, 5, tol=1e-9,
+                            show_pbar=False)
+  got = deeplanczos.lanczos(loss, params, batches, 5, tol=1e-9, **on_mesh)
+  np.testing.assert_allclose(got.eigenvalues, ref.eigenvalues, rtol=1e-6)
+  assert got.num_hvps == ref.num_hvps
+  kernel = got.eigenvectors["params"]["Dense_0"]["kernel"]  # (5, 8, 16)
+  assert kernel.sharding.spec == P(None, None, "model")
+  assert kernel.addressable_shards[0].data.shape == (5, 8, 8)
+  for i in range(5):
+    a = helpers.flat(jax.tree.map(lambda l, i=i: l[i], got.eigenvectors))
+    b = helpers.flat(jax.tree.map(lambda l, i=i: l[i], ref.eigenvectors))
+    assert abs(a @ b) > 1 - 1e-6
+  d_ref = deeplanczos.spectral_density(loss, params, batches, num_probes=2,
+                                       num_steps=12, show_pbar=False)
+  d_got = deeplanczos.spectral_density(loss, params, batches, num_probes=2,
+                                       num_steps=12, **on_mesh)
+  np.testing.assert_allclose(d_got.nodes, d_ref.nodes, rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(d_got.density, d_ref.density, rtol=1e-5,
+                             atol=1e-8)
+  t_ref = deeplanczos.hutchpp(loss, params, batches, num_hvps=12,
+                              show_pbar=False)
+  t_got = deeplanczos.hutchpp(loss, params, batches, num_hvps=12, **on_mesh)
+  np.testing.assert_allclose(t_got.estimate, t_ref.estimate, rtol=1e-6)

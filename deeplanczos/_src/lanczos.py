@@ -44,9 +44,13 @@ class LanczosResult(NamedTuple):
     eigenvectors: a pytree shaped like the parameters with a leading axis of
       ``k``; ``jax.tree.map(lambda x: x[i], eigenvectors)`` is the ``i``-th
       unit eigenvector, with the parameters' shardings.
-    residuals: ``(k,)``, ``||H v_i - lambda_i v_i||`` of each pair (from the
-      recurrence, which equals the explicit residual to working precision).
-    num_hvps: Hessian-vector products used, each one full pass over the data.
+    residuals: ``(k,)``, ``||H v_i - lambda_i v_i||`` of each returned pair,
+      computed explicitly (``k`` more products) in the working precision.
+    residual_estimates: ``(k,)``, the same from the recurrence
+      (``|beta s_{m,i}|``), which the stopping rule uses; it can fall below
+      what the working precision attains, so trust ``residuals``.
+    num_hvps: Hessian-vector products used, each one full pass over the data
+      (the ``k`` of the explicit residuals included).
     converged: whether every pair met ``residual <= tol * |lambda|``.
     ritz_history: ``(steps, k)`` the wanted Ritz values after every step
       (NaN before ``k`` exist), to see convergence.
@@ -57,6 +61,7 @@ class LanczosResult(NamedTuple):
   eigenvalues: np.ndarray
   eigenvectors: Any
   residuals: np.ndarray
+  residual_estimates: np.ndarray
   num_hvps: int
   converged: bool
   ritz_history: np.ndarray
@@ -101,6 +106,12 @@ def _block_done(state, which, tol, tiny):
   ends = ends if which == "LM" else ends[:1] if which == "LA" else ends[1:]
   scale = np.maximum(np.abs(theta[ends]), tiny * np.abs(theta).max())
   return bool(np.all(res[ends] <= tol * scale))
+
+
+@jax.jit
+def _residual(hv, v, lam):
+  """``||Hv - lambda v||``."""
+  return tree_math.tree_norm(tree_math.tree_axpy(-lam, v, hv))
 
 
 def _lanczos(op, k, *, which, ncv, tol, max_hvps, key, v0, show_pbar):
@@ -180,8 +191,14 @@ def _lanczos(op, k, *, which, ncv, tol, max_hvps, key, v0, show_pbar):
   y[:j + 1, :len(wanted)] = s[:, wanted]
   vectors = basis_lib.combine(basis, jnp.asarray(y, dtype))
   lam = theta[wanted]
+  residuals = np.array([
+      float(sharding_lib.host_value(_residual(
+          op.matvec(basis_lib.get(vectors, i), where=f"for eigenpair {i}"),
+          basis_lib.get(vectors, i), lam[i])))
+      for i in range(len(lam))])
   return LanczosResult(
-      eigenvalues=lam, eigenvectors=vectors, residuals=res[wanted],
+      eigenvalues=lam, eigenvectors=vectors, residuals=residuals,
+      residual_estimates=res[wanted],
       num_hvps=op.num_matvecs, converged=bool(done),
       ritz_history=np.array(history),
       gap_ratio=float(lam[0] / lam[1]) if len(lam) > 1 and lam[1] else np.inf,
