@@ -225,3 +225,15 @@ def test_bad_arguments(mlp):
     deeplanczos.spectral_density(loss, params, batches, num_steps=0)
   with pytest.raises(ValueError, match="num_hvps must be an integer of at least 3"):
     deeplanczos.hutchpp(loss, params, batches, num_hvps=2)
+
+
+def test_counts_are_per_run_on_a_reused_operator(mlp):
+  loss, params, batches, _, w, _ = mlp
+  op = operator_lib.HessianOperator(loss, params, batches)
+  first = lanczos_lib.lanczos_operator(op, 2, max_hvps=6, tol=1e-14)
+  again = lanczos_lib.lanczos_operator(op, 2, max_hvps=6, tol=1e-14)
+  assert first.num_hvps == again.num_hvps == 6 + 2  # + explicit residuals
+  np.testing.assert_allclose(again.eigenvalues, first.eigenvalues)
+  d = density_lib.density_operator(op, num_probes=1, num_steps=3)
+  assert d.num_hvps == 3 and op.num_matvecs == 19
+  del w

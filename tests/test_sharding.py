@@ -186,6 +186,11 @@ def test_lanczos_density_trace_on_mesh_match_one_device():
     a = helpers.flat(jax.tree.map(lambda l, i=i: l[i], got.eigenvectors))
     b = helpers.flat(jax.tree.map(lambda l, i=i: l[i], ref.eigenvectors))
     assert abs(a @ b) > 1 - 1e-6
+  sub = dict(subset="Dense_1", tol=1e-9)
+  np.testing.assert_allclose(
+      deeplanczos.lanczos(loss, params, batches, 2, **sub, **on_mesh).eigenvalues,
+      deeplanczos.lanczos(loss, params, batches, 2, **sub,
+                          show_pbar=False).eigenvalues, rtol=1e-6)
   d_ref = deeplanczos.spectral_density(loss, params, batches, num_probes=2,
                                        num_steps=12, show_pbar=False)
   d_got = deeplanczos.spectral_density(loss, params, batches, num_probes=2,

@@ -90,6 +90,7 @@ def density_operator(op, *, num_probes=8, num_steps=64, key=None,
     raise ValueError(f"sigma must be positive, got {sigma!r}.")
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           num_probes)
+  first = op.num_matvecs
   nodes = np.full((num_probes, num_steps), np.nan)
   weights = np.zeros((num_probes, num_steps))
   for p in tqdm.trange(num_probes, desc="SLQ probes", disable=not show_pbar):
@@ -104,4 +105,4 @@ def density_operator(op, *, num_probes=8, num_steps=64, key=None,
   pad = 0.05 * width + 5 * sigma
   grid = np.linspace(lo - pad, hi + pad, grid_size)
   return DensityResult(grid, gaussian_density(nodes, weights, grid, sigma),
-                       nodes, weights, float(sigma), op.num_matvecs)
+                       nodes, weights, float(sigma), op.num_matvecs - first)

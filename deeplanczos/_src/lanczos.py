@@ -117,6 +117,7 @@ def _residual(hv, v, lam):
 def _lanczos(op, k, *, which, ncv, tol, max_hvps, key, v0, show_pbar):
   n = tree_math.tree_size(op.template)
   m = min(ncv, n)
+  first = op.num_matvecs  # the operator may have run before
   basis = basis_lib.zeros(op.template, m + 1, op.shardings)
   v = op.random_vector(key) if v0 is None else v0
   basis = basis_lib.put(basis, 0, v)
@@ -156,7 +157,7 @@ def _lanczos(op, k, *, which, ncv, tol, max_hvps, key, v0, show_pbar):
     done = (len(wanted) == k and np.all(res[wanted] <= tol * scale)
             and not near_breakdown
             and (state.block == 0 or _block_done(state, which, tol, tiny)))
-    if done or op.num_matvecs >= max_hvps or j + 1 == n:
+    if done or op.num_matvecs - first >= max_hvps or j + 1 == n:
       break
     if near_breakdown:
       state.block = j + 1
@@ -199,7 +200,7 @@ def _lanczos(op, k, *, which, ncv, tol, max_hvps, key, v0, show_pbar):
   return LanczosResult(
       eigenvalues=lam, eigenvectors=vectors, residuals=residuals,
       residual_estimates=res[wanted],
-      num_hvps=op.num_matvecs, converged=bool(done),
+      num_hvps=op.num_matvecs - first, converged=bool(done),
       ritz_history=np.array(history),
       gap_ratio=float(lam[0] / lam[1]) if len(lam) > 1 and lam[1] else np.inf,
       loss=op.loss_value)

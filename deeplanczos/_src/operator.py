@@ -376,11 +376,11 @@ def random_vector_fn(template, shardings, *, kind="normal", normalize=True):
     raise ValueError(f"kind must be 'normal' or 'rademacher', got {kind!r}.")
   shapes = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype),
                         template)
-  sample = (tree_math.tree_rademacher if kind == "rademacher"
-            else tree_math.tree_random_normal)
+  sampler = (jax.random.rademacher if kind == "rademacher"
+             else jax.random.normal)
 
   def make(key):
-    v = sample(key, shapes)
+    v = tree_math.tree_random(key, shapes, sampler)
     if normalize:
       v = tree_math.tree_scale(v, 1.0 / tree_math.tree_norm(v))
     return v

@@ -57,13 +57,14 @@ def hutchinson_operator(op, *, num_probes=30, key=None, show_pbar=False):
     raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}.")
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           num_probes)
+  first = op.num_matvecs
   samples = np.array([
       _quadratic_form(op, op.random_vector(keys[i], kind="rademacher",
                                            normalize=False), f"for probe {i}")
       for i in tqdm.trange(num_probes, desc="Hutchinson",
                            disable=not show_pbar)])
   return TraceResult(float(samples.mean()), _stderr(samples), samples,
-                     op.num_matvecs, "hutchinson")
+                     op.num_matvecs - first, "hutchinson")
 
 
 def hutchpp_operator(op, *, num_hvps=60, key=None, show_pbar=False):
@@ -74,6 +75,7 @@ def hutchpp_operator(op, *, num_hvps=60, key=None, show_pbar=False):
   probes = num_hvps - 2 * sketch
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           sketch + probes)
+  first = op.num_matvecs
   bar = tqdm.tqdm(total=num_hvps, desc="Hutch++", disable=not show_pbar)
   q = basis_lib.zeros(op.template, sketch, op.shardings)
   rank = 0
@@ -102,7 +104,7 @@ def hutchpp_operator(op, *, num_hvps=60, key=None, show_pbar=False):
   bar.close()
   samples = np.array(samples)
   return TraceResult(exact + float(samples.mean()), _stderr(samples), samples,
-                     op.num_matvecs, "hutch++")
+                     op.num_matvecs - first, "hutch++")
 
 
 def _operator(loss, params, batch_iterable, **kwargs):

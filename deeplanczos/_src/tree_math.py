@@ -37,22 +37,16 @@ def tree_axpy(a, x, y):
   return jax.tree.map(lambda u, v: (a * u + v).astype(v.dtype), x, y)
 
 
-def tree_random_normal(key, like):
-  """Standard normal pytree with ``like``'s structure, shapes and dtypes."""
+def tree_random(key, like, sampler=jax.random.normal):
+  """A random pytree with ``like``'s structure, shapes and dtypes.
+
+  ``sampler(key, shape, dtype)`` draws each leaf, with its own key:
+  ``jax.random.normal`` (the default) or ``jax.random.rademacher``.
+  """
   leaves, treedef = jax.tree.flatten(like)
   keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([
-      jax.random.normal(k, l.shape, dtype=l.dtype)
-      for k, l in zip(keys, leaves)])
-
-
-def tree_rademacher(key, like):
-  """Random +-1 pytree with ``like``'s structure, shapes and dtypes."""
-  leaves, treedef = jax.tree.flatten(like)
-  keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([
-      jax.random.rademacher(k, l.shape, dtype=l.dtype)
-      for k, l in zip(keys, leaves)])
+  return treedef.unflatten([sampler(k, l.shape, l.dtype)
+                            for k, l in zip(keys, leaves)])
 
 
 def tree_size(x):
