@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 import deeplanczos
+from deeplanczos import checkpoint as checkpoint_lib
 from deeplanczos import data as data_lib
 from deeplanczos import models
 from deeplanczos._src import density as density_lib
@@ -32,6 +33,10 @@ from deeplanczos._src import lanczos as lanczos_lib
 from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import trace as trace_lib
 from deeplanczos._src import tree_math
+
+
+class ConfigError(ValueError):
+  """A config, workdir or task that cannot run; nothing has been written."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -60,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data_axis = "data"
   c.model_axis = "model"
   c.show_pbar = True
+  # Save the method's state after every this many steps (0: only on SIGTERM);
+  # a run started again on the same workdir resumes from the newest one.
+  c.checkpoint_every = 5
   return c
 
 
@@ -71,6 +79,7 @@ class Task:
   x: np.ndarray
   y: np.ndarray
   partition_specs: Any = None  # pytree of PartitionSpec, or None for the rule
+  timings: tuple[float, float] = (0.0, 0.0)  # training start and end
 
 
 def build_mesh(config) -> Mesh:
@@ -142,14 +151,14 @@ def build_task(config) -> Task:
   if name in TASKS:
     return TASKS[name](config)
   if ":" not in name:
-    raise ValueError(f"config.task must be one of {sorted(TASKS)} or "
-                     f"'module:function'; got {name!r}.")
+    raise ConfigError(f"config.task must be one of {sorted(TASKS)} or "
+                      f"'module:function'; got {name!r}.")
   module_name, fn_name = name.split(":", 1)
   try:
     fn = getattr(importlib.import_module(module_name), fn_name)
   except (ImportError, AttributeError) as e:
-    raise ValueError(f"config.task {name!r}: cannot import {fn_name!r} from "
-                     f"module {module_name!r} ({e}).") from e
+    raise ConfigError(f"config.task {name!r}: cannot import {fn_name!r} from "
+                      f"module {module_name!r} ({e}).") from e
   loss, params, (x, y) = fn(config)
   return Task(loss, params, np.asarray(x), np.asarray(y))
 
@@ -201,24 +210,27 @@ def _operator(loss, params, dataset, shardings, mesh, config, show_pbar):
       subset=config.subset or None, show_pbar=show_pbar)
 
 
-def _power(loss, params, dataset, shardings, mesh, config, show_pbar):
+def _power(loss, params, dataset, shardings, mesh, config, show_pbar,
+           checkpointer):
   _, history = deeplanczos.PowerMethodIterate(
       loss, params, dataset, config.num_iterations,
       batch_parser=data_lib.parse_batch, show_pbar=show_pbar,
       tol=config.get("tol") or None, key=jax.random.key(config.seed),
       mesh=mesh, shardings=shardings, data_axis=config.data_axis,
-      subset=config.subset or None)
+      subset=config.subset or None, checkpointer=checkpointer)
   return {"eigenvalue": float(history["eigenvalue"][-1]), "history": history,
           "num_hvps": len(history["iteration"]),
           "headline": f"eigenvalue {history['eigenvalue'][-1]:.6g}"}
 
 
-def _lanczos(loss, params, dataset, shardings, mesh, config, show_pbar):
+def _lanczos(loss, params, dataset, shardings, mesh, config, show_pbar,
+             checkpointer):
   c = config.lanczos
   op = _operator(loss, params, dataset, shardings, mesh, config, False)
   r = lanczos_lib.lanczos_operator(
       op, c.k, which=c.which, key=jax.random.key(config.seed),
-      ncv=c.ncv or None, tol=c.tol, max_hvps=c.max_hvps, show_pbar=show_pbar)
+      ncv=c.ncv or None, tol=c.tol, max_hvps=c.max_hvps, show_pbar=show_pbar,
+      checkpointer=checkpointer)
   return {"eigenvalues": r.eigenvalues, "residuals": r.residuals,
           "relative_residuals": r.residuals / np.abs(r.eigenvalues),
           "residual_estimates": r.residual_estimates,
@@ -228,20 +240,22 @@ def _lanczos(loss, params, dataset, shardings, mesh, config, show_pbar):
           "headline": f"{c.which} eigenvalues {np.round(r.eigenvalues, 6)}"}
 
 
-def _density(loss, params, dataset, shardings, mesh, config, show_pbar):
+def _density(loss, params, dataset, shardings, mesh, config, show_pbar,
+             checkpointer):
   c = config.density
   op = _operator(loss, params, dataset, shardings, mesh, config, False)
   r = density_lib.density_operator(
       op, num_probes=c.num_probes, num_steps=c.num_steps,
       key=jax.random.key(config.seed), grid_size=c.grid_size,
-      sigma=c.sigma or None, show_pbar=show_pbar)
+      sigma=c.sigma or None, show_pbar=show_pbar, checkpointer=checkpointer)
   return {"grid": r.grid, "density": r.density, "nodes": r.nodes,
           "weights": r.weights, "sigma": r.sigma, "num_hvps": r.num_hvps,
           "headline": (f"eigenvalues in [{np.nanmin(r.nodes):.4g}, "
                        f"{np.nanmax(r.nodes):.4g}]")}
 
 
-def _trace(loss, params, dataset, shardings, mesh, config, show_pbar):
+def _trace(loss, params, dataset, shardings, mesh, config, show_pbar,
+           checkpointer):
   c = config.trace
   op = _operator(loss, params, dataset, shardings, mesh, config, False)
   estimators = {"hutch++": trace_lib.hutchpp_operator,
@@ -252,7 +266,8 @@ def _trace(loss, params, dataset, shardings, mesh, config, show_pbar):
   budget = ({"num_hvps": c.num_hvps} if c.estimator == "hutch++"
             else {"num_probes": c.num_hvps})
   r = estimators[c.estimator](op, key=jax.random.key(config.seed),
-                              show_pbar=show_pbar, **budget)
+                              show_pbar=show_pbar, checkpointer=checkpointer,
+                              **budget)
   return {"trace": r.estimate, "stderr": r.stderr, "samples": r.samples,
           "estimator": r.method, "num_hvps": r.num_hvps,
           "headline": f"trace {r.estimate:.6g} +- {r.stderr:.2g}"}
@@ -354,31 +369,93 @@ def _jsonable(x):
   return x
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _check_finite_loss(task, params, config, when):
+  n = min(config.batch_size, len(task.y))
+  value = float(task.loss(params, task.x[:n], task.y[:n]))
+  if not np.isfinite(value):
+    raise ConfigError(f"The loss {when} is {value} on the first batch; the "
+                      "Hessian of a non-finite loss means nothing. Check the "
+                      "model, the data and config.train.")
+
+
+def _prepare(config):
+  """Everything that can fail on bad input, before the workdir is touched."""
+  if config.method not in METHODS:
+    raise ConfigError(f"config.method must be one of {sorted(METHODS)}; got "
+                      f"{config.method!r}.")
+  try:
+    mesh = build_mesh(config)
+  except ValueError as e:
+    raise ConfigError(f"The mesh does not fit the devices: {e}") from e
+  logging.info("Mesh %s over %d processes.", dict(mesh.shape),
+               jax.process_count())
+  task = build_task(config)
+  if len(task.y) < config.batch_size:
+    raise ConfigError(
+        f"The dataset has {len(task.y)} examples, fewer than one global batch "
+        f"(config.batch_size={config.batch_size}); lower the batch size.")
+  try:
+    dataset = data_lib.batch_dataset(task.x, task.y, config.batch_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  _check_finite_loss(task, task.params, config, "at initialization")
+  start = time.perf_counter()
+  params = train(task, config)
+  _check_finite_loss(task, params, config, "after training")
+  task.timings = (start, time.perf_counter())
+  return mesh, task, params, dataset
+
+
+def _make_workdir(workdir, lead):
+  """Creates the workdir (process 0), or says why it cannot be written."""
+  if not lead:
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".deeplanczos_write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"Cannot write to --workdir={workdir}: {e}") from e
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        handle_sigterm: bool = False) -> dict:
   """Runs ``config`` and, on process 0, writes its results into ``workdir``.
+
+  The method's state is checkpointed into ``workdir/checkpoints/METHOD``
+  every ``config.checkpoint_every`` steps, and the run resumes from the
+  newest complete checkpoint there. A workdir belongs to one config.
+
+  Args:
+    config: the run's config (see :func:`base_config`).
+    workdir: where results and checkpoints go.
+    handle_sigterm: make SIGTERM save a checkpoint and raise
+      ``checkpoint.Preempted`` (the launcher sets it).
 
   Returns:
     The result dict that ``result.json`` holds.
   """
   start = time.perf_counter()
-  if config.method not in METHODS:
-    raise ValueError(f"config.method must be one of {sorted(METHODS)}; got "
-                     f"{config.method!r}.")
   lead = jax.process_index() == 0
-  if lead:
-    os.makedirs(workdir, exist_ok=True)
-  mesh = build_mesh(config)
-  logging.info("Mesh %s over %d processes.", dict(mesh.shape),
-               jax.process_count())
-  task = build_task(config)
-  t_train = time.perf_counter()
-  params = train(task, config)
-  t_method = time.perf_counter()
+  mesh, task, params, dataset = _prepare(config)
+  t_train, t_trained = task.timings
+  _make_workdir(workdir, lead)
   shardings = _shardings(task, mesh, config)
-  dataset = data_lib.batch_dataset(task.x, task.y, config.batch_size)
+  t_method = time.perf_counter()
   method, plot = METHODS[config.method]
-  result = method(task.loss, params, dataset, shardings, mesh, config,
-                  show_pbar=lead and config.get("show_pbar", True))
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints", config.method),
+      every=config.checkpoint_every)
+  if handle_sigterm:
+    checkpointer.listen_for_sigterm()
+  try:
+    result = method(task.loss, params, dataset, shardings, mesh, config,
+                    show_pbar=lead and config.get("show_pbar", True),
+                    checkpointer=checkpointer)
+  finally:
+    checkpointer.close()
   end = time.perf_counter()
   headline = result.pop("headline")
   result.update({
@@ -391,7 +468,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "num_devices": jax.device_count(),
       "platform": jax.devices()[0].platform,
       "timings": {"setup_s": t_train - start,
-                  "train_s": t_method - t_train,
+                  "train_s": t_trained - t_train,
                   "method_s": end - t_method,
                   "seconds_per_hvp": (end - t_method) / result["num_hvps"]},
       "versions": {"deeplanczos": deeplanczos.__version__,

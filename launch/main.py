@@ -19,6 +19,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from deeplanczos import checkpoint
 from deeplanczos import experiment
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -85,7 +86,14 @@ def main(argv):
   _initialize_distributed()
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
-  experiment.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    experiment.run(_CONFIG.value, _WORKDIR.value, handle_sigterm=True)
+  except experiment.ConfigError as e:
+    logging.error("%s", e)
+    raise SystemExit(f"deeplanczos: {e}") from e
+  except checkpoint.Preempted as e:
+    logging.warning("Preempted: checkpoint step %d saved in %s; run the same "
+                    "command again to resume.", e.step, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,9 @@ def user_task(config):
   del config
   loss, params, x, y = mlp_problem(dtype=np.float32)
   return loss, params, (x, y)
+
+
+def nan_task(config):
+  """A user task whose loss is NaN at its parameters."""
+  loss, params, data = user_task(config)
+  return loss, jax.tree.map(lambda a: a * np.nan, params), data

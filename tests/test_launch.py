@@ -57,6 +57,7 @@ def test_transformer_default_mesh_shards_over_model_axis(tmp_path):
 def test_users_own_task(tmp_path):
   config = small_config()
   config.task = "tests.helpers:user_task"
+  config.batch_size = 16  # 60 examples: 3 full batches and one of 12
   result = experiment.run(config, str(tmp_path))
   assert result["num_examples"] == 60
 
@@ -146,3 +147,40 @@ def test_power_on_one_layer(tmp_path):
   config.subset = "Dense_1"
   result = experiment.run(config, str(tmp_path))
   assert np.isfinite(result["eigenvalue"])
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"task": "tests.helpers:nan_task", "train.steps": 0, "batch_size": 20},
+     "loss at initialization is nan"),
+    ({"batch_size": 4096}, "fewer than one global batch"),
+    ({"mesh_shape": (3, 1)}, "mesh does not fit the devices"),
+    ({"task": "no_such_module:build"}, "cannot import 'build'"),
+    ({"method": "eigen"}, "config.method must be one of"),
+])
+def test_bad_config_writes_nothing(tmp_path, change, message):
+  config = small_config()
+  for key, value in change.items():
+    section, _, name = key.rpartition(".")
+    setattr(config[section] if section else config, name, value)
+  workdir = tmp_path / "run"
+  with pytest.raises(experiment.ConfigError, match=message):
+    experiment.run(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(experiment.ConfigError, match="Cannot write to"):
+    experiment.run(small_config(), str(blocker / "run"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.no_such_key=1"], "no_such_key"),
+    (["--config.mesh_shape=(3,1)"], "deeplanczos: The mesh does not fit"),
+])
+def test_launcher_exits_with_message(tmp_path, args, message):
+  proc = launch(tmp_path / "run", 2, *args)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0 and message in out
+  assert not (tmp_path / "run").exists()

@@ -55,7 +55,8 @@ def spectral_density(loss: Callable, params, batch_iterable, *,
                      grid_size: int = 1000, sigma: float | None = None,
                      batch_parser: Callable | None = None, mesh=None,
                      shardings=None, data_axis: str = "data", subset=None,
-                     show_pbar: bool = True) -> DensityResult:
+                     show_pbar: bool = True,
+                     checkpointer=None) -> DensityResult:
   """The Hessian's eigenvalue density by stochastic Lanczos quadrature.
 
   Args:
@@ -67,6 +68,8 @@ def spectral_density(loss: Callable, params, batch_iterable, *,
     grid_size: points of the returned density.
     sigma: Gaussian broadening; default 1% of the nodes' range.
     show_pbar: a tqdm bar over probes.
+    checkpointer: a ``deeplanczos.checkpoint.Checkpointer``; finished probes
+      are saved and, after a restart, not run again.
 
   Returns:
     A :class:`DensityResult`.
@@ -76,11 +79,12 @@ def spectral_density(loss: Callable, params, batch_iterable, *,
       shardings=shardings, data_axis=data_axis, subset=subset)
   return density_operator(op, num_probes=num_probes, num_steps=num_steps,
                           key=key, grid_size=grid_size, sigma=sigma,
-                          show_pbar=show_pbar)
+                          show_pbar=show_pbar, checkpointer=checkpointer)
 
 
 def density_operator(op, *, num_probes=8, num_steps=64, key=None,
-                     grid_size=1000, sigma=None, show_pbar=False):
+                     grid_size=1000, sigma=None, show_pbar=False,
+                     checkpointer=None):
   """:func:`spectral_density` on an existing :class:`HessianOperator`."""
   for name, value in (("num_probes", num_probes), ("num_steps", num_steps),
                       ("grid_size", grid_size)):
@@ -90,15 +94,26 @@ def density_operator(op, *, num_probes=8, num_steps=64, key=None,
     raise ValueError(f"sigma must be positive, got {sigma!r}.")
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           num_probes)
-  first = op.num_matvecs
   nodes = np.full((num_probes, num_steps), np.nan)
   weights = np.zeros((num_probes, num_steps))
-  for p in tqdm.trange(num_probes, desc="SLQ probes", disable=not show_pbar):
+  done, earlier = 0, 0
+  if checkpointer is not None and (saved := checkpointer.restore({})):
+    done, earlier = saved[1]["probes"], saved[1]["hvps"]
+    nodes[:done] = np.array(saved[1]["nodes"], np.float64)
+    weights[:done] = saved[1]["weights"]
+  first = op.num_matvecs - earlier
+  for p in tqdm.trange(done, num_probes, desc="SLQ probes", initial=done,
+                       total=num_probes, disable=not show_pbar):
     probe = op.random_vector(keys[p], kind="rademacher")
     decomposition = lanczos_lib.tridiagonalize(op, probe, num_steps)
     theta, s = np.linalg.eigh(decomposition.tridiagonal)
     nodes[p, :theta.size] = theta
     weights[p, :theta.size] = s[0] ** 2
+    if checkpointer is not None and p + 1 < num_probes:
+      checkpointer.save(p + 1, {}, {
+          "probes": p + 1, "hvps": op.num_matvecs - first,
+          "nodes": lanczos_lib.nan_to_none(nodes[:p + 1]),
+          "weights": weights[:p + 1].tolist()})
   lo, hi = np.nanmin(nodes), np.nanmax(nodes)
   width = hi - lo if hi > lo else max(abs(hi), 1.0)
   sigma = 0.01 * width if sigma is None else sigma

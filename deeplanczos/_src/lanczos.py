@@ -114,10 +114,15 @@ def _residual(hv, v, lam):
   return tree_math.tree_norm(tree_math.tree_axpy(-lam, v, hv))
 
 
-def _lanczos(op, k, *, which, ncv, tol, max_hvps, key, v0, show_pbar):
+def nan_to_none(rows):
+  """Rows of floats for JSON, which has no NaN: NaN becomes None."""
+  return [[None if np.isnan(x) else float(x) for x in r] for r in rows]
+
+
+def _lanczos(op, k, *, which, ncv, tol, max_hvps, key, v0, show_pbar,
+             checkpointer=None):
   n = tree_math.tree_size(op.template)
   m = min(ncv, n)
-  first = op.num_matvecs  # the operator may have run before
   basis = basis_lib.zeros(op.template, m + 1, op.shardings)
   v = op.random_vector(key) if v0 is None else v0
   basis = basis_lib.put(basis, 0, v)
@@ -125,10 +130,28 @@ def _lanczos(op, k, *, which, ncv, tol, max_hvps, key, v0, show_pbar):
   tiny = 100 * float(jnp.finfo(dtype).eps)
   state = _State(m)
   history = []
-  bar = tqdm.tqdm(total=max_hvps, desc=f"lanczos {which} k={k}",
-                  disable=not show_pbar)
   restart_key = key
+  earlier = 0  # products before a restore from a checkpoint
+  if checkpointer is not None and (
+      saved := checkpointer.restore({"basis": basis})):
+    basis, meta = saved[0]["basis"], saved[1]
+    state.t = np.array(meta["t"], np.float64)
+    state.j, state.kept, state.block = meta["j"], meta["kept"], meta["block"]
+    state.beta = meta["beta"]
+    history = [np.array(r, np.float64) for r in meta["history"]]
+    restart_key = jax.random.wrap_key_data(np.array(meta["key"], np.uint32))
+    earlier = meta["hvps"]
+  first = op.num_matvecs - earlier  # the operator may have run before
+  bar = tqdm.tqdm(total=max_hvps, initial=earlier,
+                  desc=f"lanczos {which} k={k}", disable=not show_pbar)
   while True:
+    if checkpointer is not None and op.num_matvecs - first > earlier:
+      checkpointer.save(op.num_matvecs - first, {"basis": basis}, {
+          "t": state.t.tolist(), "j": state.j, "kept": state.kept,
+          "block": state.block, "beta": state.beta,
+          "history": nan_to_none(history),
+          "key": np.asarray(jax.random.key_data(restart_key)).tolist(),
+          "hvps": op.num_matvecs - first})
     j = state.j
     w = op.matvec(basis_lib.get(basis, j), where=f"at Lanczos step {len(history)}")
     w, c, beta = basis_lib.orthogonalize(basis, w, j + 1)
@@ -210,8 +233,8 @@ def lanczos(loss: Callable, params, batch_iterable, k: int, *,
             which: str = "LA", batch_parser: Callable | None = None,
             key=None, ncv: int | None = None, tol: float = 1e-6,
             max_hvps: int = 1000, v0=None, mesh=None, shardings=None,
-            data_axis: str = "data", subset=None,
-            show_pbar: bool = True) -> LanczosResult:
+            data_axis: str = "data", subset=None, show_pbar: bool = True,
+            checkpointer=None) -> LanczosResult:
   """``k`` eigenpairs of the Hessian of the dataset loss, by Lanczos.
 
   Args:
@@ -233,6 +256,9 @@ def lanczos(loss: Callable, params, batch_iterable, k: int, *,
     subset: restrict to some parameters (a regular expression on parameter
       paths, or a predicate); vectors then hold only those leaves.
     show_pbar: a tqdm bar over the products.
+    checkpointer: a ``deeplanczos.checkpoint.Checkpointer``: the basis and
+      the recurrence's state are saved after steps and restored, if saved
+      before, at the start.
 
   Returns:
     A :class:`LanczosResult`.
@@ -242,13 +268,15 @@ def lanczos(loss: Callable, params, batch_iterable, k: int, *,
       shardings=shardings, data_axis=data_axis, subset=subset,
       show_pbar=show_pbar)
   return lanczos_operator(op, k, which=which, key=key, ncv=ncv, tol=tol,
-                          max_hvps=max_hvps, v0=v0, show_pbar=show_pbar)
+                          max_hvps=max_hvps, v0=v0, show_pbar=show_pbar,
+                          checkpointer=checkpointer)
 
 
 def lanczos_operator(op: operator_lib.HessianOperator, k: int, *,
                      which: str = "LA", key=None, ncv: int | None = None,
                      tol: float = 1e-6, max_hvps: int = 1000, v0=None,
-                     show_pbar: bool = False) -> LanczosResult:
+                     show_pbar: bool = False,
+                     checkpointer=None) -> LanczosResult:
   """:func:`lanczos` on an existing :class:`HessianOperator`."""
   n = tree_math.tree_size(op.template)
   if which not in WHICH:
@@ -271,7 +299,8 @@ def lanczos_operator(op: operator_lib.HessianOperator, k: int, *,
     v0 = basis_lib.scale(v0, 1.0 / norm)
   key = jax.random.key(0) if key is None else key
   return _lanczos(op, k, which=which, ncv=ncv, tol=tol, max_hvps=max_hvps,
-                  key=key, v0=v0, show_pbar=show_pbar)
+                  key=key, v0=v0, show_pbar=show_pbar,
+                  checkpointer=checkpointer)
 
 
 class Decomposition(NamedTuple):

@@ -62,7 +62,8 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
                        V0=None, batch_parser: Callable | None = None,
                        show_pbar: bool = True, *, tol: float | None = None,
                        key=None, mesh=None, shardings=None,
-                       data_axis: str = "data", subset=None):
+                       data_axis: str = "data", subset=None,
+                       checkpointer=None):
   """Power iteration on the Hessian of the loss averaged over a dataset.
 
   Each iteration is one full pass over ``batch_iterable``: ``H v`` is the
@@ -91,6 +92,8 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
     subset: restrict the Hessian to some parameters: a regular expression
       on parameter paths (``'Dense_1'``) or a predicate; vectors then hold
       only those leaves.
+    checkpointer: a ``deeplanczos.checkpoint.Checkpointer``: the state is
+      saved after iterations and restored, if saved before, at the start.
 
   Returns:
     ``(V, History)``: ``V`` the unit eigenvector estimate (shaped like ``P``,
@@ -123,11 +126,17 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
     if not float(sharding_lib.host_value(norm)) > 0:
       raise ValueError("V0 must be a non-zero, finite vector; its norm is "
                        f"{float(sharding_lib.host_value(norm))}.")
-  records = []
-  bar = tqdm.tqdm(range(num_iteration), desc="power method",
-                  disable=not show_pbar)
+  records, finished, loss_value = [], False, None
+  if checkpointer is not None and (saved := checkpointer.restore({"v": v})):
+    v = saved[0]["v"]
+    records = [tuple(r) for r in saved[1]["records"]]
+    finished, loss_value = saved[1]["finished"], saved[1]["loss"]
+  bar = tqdm.tqdm(range(len(records), 0 if finished else num_iteration),
+                  desc="power method", initial=len(records),
+                  total=num_iteration, disable=not show_pbar)
   for k in bar:
     hv = op.matvec(v, where=f"at iteration {k}")
+    loss_value = op.loss_value
     new_v, stats = _power_update(v, hv)
     eigenvalue, alpha, q = sharding_lib.host_value(stats).astype(float)
     if alpha == 0:
@@ -137,10 +146,14 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
     records.append((k, eigenvalue, alpha, q))
     bar.set_postfix(eigenvalue=f"{eigenvalue:.6g}", q=f"{q:.6f}")
     v = new_v
-    if tol is not None and k > 0:
-      previous = records[-2][1]
-      if abs(eigenvalue - previous) <= tol * abs(eigenvalue):
-        break
+    finished = (tol is not None and k > 0 and abs(eigenvalue - records[-2][1])
+                <= tol * abs(eigenvalue))
+    if checkpointer is not None:
+      checkpointer.save(k + 1, {"v": v}, {"records": records,
+                                          "finished": finished,
+                                          "loss": loss_value})
+    if finished:
+      break
   bar.close()
   iteration, eigenvalue, alpha, q = (np.array(c) for c in zip(*records))
   history = {
@@ -148,6 +161,6 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
       "eigenvalue": eigenvalue,
       "q": q,
       "iteration": iteration.astype(int),
-      "loss": np.full(len(records), op.loss_value),
+      "loss": np.full(len(records), loss_value),
   }
   return v, history

@@ -51,23 +51,31 @@ def _stderr(samples):
       samples) > 1 else float("inf")
 
 
-def hutchinson_operator(op, *, num_probes=30, key=None, show_pbar=False):
+def hutchinson_operator(op, *, num_probes=30, key=None, show_pbar=False,
+                        checkpointer=None):
   """:func:`hutchinson` on an existing :class:`HessianOperator`."""
   if not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
     raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}.")
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           num_probes)
-  first = op.num_matvecs
-  samples = np.array([
-      _quadratic_form(op, op.random_vector(keys[i], kind="rademacher",
-                                           normalize=False), f"for probe {i}")
-      for i in tqdm.trange(num_probes, desc="Hutchinson",
-                           disable=not show_pbar)])
+  samples = []
+  if checkpointer is not None and (saved := checkpointer.restore({})):
+    samples = saved[1]["samples"]
+  first = op.num_matvecs - len(samples)
+  for i in tqdm.trange(len(samples), num_probes, desc="Hutchinson",
+                       initial=len(samples), total=num_probes,
+                       disable=not show_pbar):
+    z = op.random_vector(keys[i], kind="rademacher", normalize=False)
+    samples.append(_quadratic_form(op, z, f"for probe {i}"))
+    if checkpointer is not None and i + 1 < num_probes:
+      checkpointer.save(i + 1, {}, {"samples": samples})
+  samples = np.array(samples)
   return TraceResult(float(samples.mean()), _stderr(samples), samples,
                      op.num_matvecs - first, "hutchinson")
 
 
-def hutchpp_operator(op, *, num_hvps=60, key=None, show_pbar=False):
+def hutchpp_operator(op, *, num_hvps=60, key=None, show_pbar=False,
+                     checkpointer=None):
   """:func:`hutchpp` on an existing :class:`HessianOperator`."""
   if not isinstance(num_hvps, (int, np.integer)) or num_hvps < 3:
     raise ValueError(f"num_hvps must be an integer of at least 3, got {num_hvps!r}.")
@@ -75,36 +83,49 @@ def hutchpp_operator(op, *, num_hvps=60, key=None, show_pbar=False):
   probes = num_hvps - 2 * sketch
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           sketch + probes)
-  first = op.num_matvecs
-  bar = tqdm.tqdm(total=num_hvps, desc="Hutch++", disable=not show_pbar)
   q = basis_lib.zeros(op.template, sketch, op.shardings)
-  rank = 0
+  # The state after each product: sketch vectors drawn, the sketch's rank,
+  # basis vectors whose quadratic form is summed into `exact`, and samples.
+  st = {"sketched": 0, "rank": 0, "exact": 0.0, "summed": 0, "samples": [],
+        "hvps": 0}
+  if checkpointer is not None and (saved := checkpointer.restore({"q": q})):
+    q, st = saved[0]["q"], saved[1]
+  first = op.num_matvecs - st["hvps"]
   dtype = jax.numpy.result_type(*jax.tree.leaves(op.template))
   tiny = 100 * float(jax.numpy.finfo(dtype).eps)
-  for i in range(sketch):
-    s = op.random_vector(keys[i], kind="rademacher", normalize=False)
-    y = op.matvec(s, where=f"for sketch vector {i}")
-    y_norm = float(sharding_lib.host_value(tree_math.tree_norm(y)))
-    y, _, norm = basis_lib.orthogonalize(q, y, rank)
-    norm = float(sharding_lib.host_value(norm))
+  bar = tqdm.tqdm(total=num_hvps, initial=st["hvps"], desc="Hutch++",
+                  disable=not show_pbar)
+  while len(st["samples"]) < probes:
+    if st["sketched"] < sketch:
+      i = st["sketched"]
+      s = op.random_vector(keys[i], kind="rademacher", normalize=False)
+      y = op.matvec(s, where=f"for sketch vector {i}")
+      y_norm = float(sharding_lib.host_value(tree_math.tree_norm(y)))
+      y, _, norm = basis_lib.orthogonalize(q, y, st["rank"])
+      norm = float(sharding_lib.host_value(norm))
+      if norm > tiny * y_norm:  # otherwise H S has rank < sketch: skip it
+        q = basis_lib.put(q, st["rank"], basis_lib.scale(y, 1.0 / norm))
+        st["rank"] += 1
+      st["sketched"] += 1
+    elif st["summed"] < st["rank"]:
+      i = st["summed"]
+      st["exact"] += _quadratic_form(op, basis_lib.get(q, i),
+                                     f"for basis vector {i}")
+      st["summed"] += 1
+    else:
+      i = len(st["samples"])
+      z = op.random_vector(keys[sketch + i], kind="rademacher",
+                           normalize=False)
+      z, _, _ = basis_lib.orthogonalize(q, z, st["rank"])
+      st["samples"].append(_quadratic_form(op, z, f"for probe {i}"))
+    st["hvps"] = op.num_matvecs - first
     bar.update(1)
-    if norm > tiny * y_norm:  # otherwise H S has rank < sketch: skip it
-      q = basis_lib.put(q, rank, basis_lib.scale(y, 1.0 / norm))
-      rank += 1
-  exact = 0.0
-  for i in range(rank):
-    exact += _quadratic_form(op, basis_lib.get(q, i), f"for basis vector {i}")
-    bar.update(1)
-  samples = []
-  for i in range(probes):
-    z = op.random_vector(keys[sketch + i], kind="rademacher", normalize=False)
-    z, _, _ = basis_lib.orthogonalize(q, z, rank)
-    samples.append(_quadratic_form(op, z, f"for probe {i}"))
-    bar.update(1)
+    if checkpointer is not None and len(st["samples"]) < probes:
+      checkpointer.save(st["hvps"], {"q": q}, st)
   bar.close()
-  samples = np.array(samples)
-  return TraceResult(exact + float(samples.mean()), _stderr(samples), samples,
-                     op.num_matvecs - first, "hutch++")
+  samples = np.array(st["samples"])
+  return TraceResult(st["exact"] + float(samples.mean()), _stderr(samples),
+                     samples, op.num_matvecs - first, "hutch++")
 
 
 def _operator(loss, params, batch_iterable, **kwargs):
@@ -113,7 +134,8 @@ def _operator(loss, params, batch_iterable, **kwargs):
 
 def hutchinson(loss: Callable, params, batch_iterable, *, num_probes=30,
                key=None, batch_parser=None, mesh=None, shardings=None,
-               data_axis="data", subset=None, show_pbar=True) -> TraceResult:
+               data_axis="data", subset=None, show_pbar=True,
+               checkpointer=None) -> TraceResult:
   """Hutchinson's estimate of the Hessian's trace from Rademacher probes.
 
   Args:
@@ -122,17 +144,18 @@ def hutchinson(loss: Callable, params, batch_iterable, *, num_probes=30,
     num_probes: probes, one HVP each.
     key: PRNG key (default ``jax.random.key(0)``).
     show_pbar: a tqdm bar over probes.
+    checkpointer: a ``deeplanczos.checkpoint.Checkpointer``.
   """
   op = _operator(loss, params, batch_iterable, batch_parser=batch_parser,
                  mesh=mesh, shardings=shardings, data_axis=data_axis,
                  subset=subset)
   return hutchinson_operator(op, num_probes=num_probes, key=key,
-                             show_pbar=show_pbar)
+                             show_pbar=show_pbar, checkpointer=checkpointer)
 
 
 def hutchpp(loss: Callable, params, batch_iterable, *, num_hvps=60, key=None,
             batch_parser=None, mesh=None, shardings=None, data_axis="data",
-            subset=None, show_pbar=True) -> TraceResult:
+            subset=None, show_pbar=True, checkpointer=None) -> TraceResult:
   """The Hutch++ estimate of the Hessian's trace within ``num_hvps`` HVPs.
 
   Args:
@@ -142,8 +165,10 @@ def hutchpp(loss: Callable, params, batch_iterable, *, num_hvps=60, key=None,
       trace, the rest are Hutchinson probes of the deflated operator.
     key: PRNG key (default ``jax.random.key(0)``).
     show_pbar: a tqdm bar over the products.
+    checkpointer: a ``deeplanczos.checkpoint.Checkpointer``.
   """
   op = _operator(loss, params, batch_iterable, batch_parser=batch_parser,
                  mesh=mesh, shardings=shardings, data_axis=data_axis,
                  subset=subset)
-  return hutchpp_operator(op, num_hvps=num_hvps, key=key, show_pbar=show_pbar)
+  return hutchpp_operator(op, num_hvps=num_hvps, key=key, show_pbar=show_pbar,
+                          checkpointer=checkpointer)

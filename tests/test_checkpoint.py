@@ -1,0 +1,146 @@
+"""Checkpoints: interrupted runs resume to the uninterrupted result, exactly."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deeplanczos
+from deeplanczos import checkpoint
+from tests import helpers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class Interrupt(Exception):
+  pass
+
+
+class DiesAfter(checkpoint.Checkpointer):
+  """Saves as usual, then dies (like a killed process) after some saves."""
+
+  def __init__(self, directory, saves):
+    super().__init__(directory, every=1)
+    self.left = saves
+
+  def save(self, step, arrays, meta):
+    super().save(step, arrays, meta)
+    self.left -= 1
+    if self.left == 0:
+      raise Interrupt()
+
+
+METHODS = {
+    "power": lambda loss, p, data, ck: deeplanczos.PowerMethodIterate(
+        loss, p, data, 12, show_pbar=False, checkpointer=ck)[1]["eigenvalue"],
+    "lanczos": lambda loss, p, data, ck: deeplanczos.lanczos(
+        loss, p, data, 3, ncv=6, tol=1e-12, max_hvps=20, show_pbar=False,
+        checkpointer=ck).eigenvalues,
+    "density": lambda loss, p, data, ck: deeplanczos.spectral_density(
+        loss, p, data, num_probes=4, num_steps=4, show_pbar=False,
+        checkpointer=ck).density,
+    "hutchpp": lambda loss, p, data, ck: np.array([deeplanczos.hutchpp(
+        loss, p, data, num_hvps=9, show_pbar=False,
+        checkpointer=ck).estimate]),
+    "hutchinson": lambda loss, p, data, ck: np.array([deeplanczos.hutchinson(
+        loss, p, data, num_probes=5, show_pbar=False,
+        checkpointer=ck).estimate]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_interrupted_method_resumes_bit_for_bit(tmp_path, method):
+  loss, params, x, y = helpers.mlp_problem()
+  data = helpers.batches_of(x, y, [20, 20, 20])
+  run = METHODS[method]
+  whole = run(loss, params, data, None)
+  with pytest.raises(Interrupt):
+    run(loss, params, data, DiesAfter(tmp_path, saves=2))
+  with pytest.raises(Interrupt):  # a second interruption, later on
+    run(loss, params, data, DiesAfter(tmp_path, saves=1))
+  resumed = run(loss, params, data, checkpoint.Checkpointer(tmp_path))
+  np.testing.assert_array_equal(resumed, whole)
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path):
+  ck = checkpoint.Checkpointer(tmp_path, every=1)
+  like = {"v": jnp.zeros(3)}
+  ck.save(1, {"v": jnp.ones(3)}, {"step": 1})
+  ck.save(2, {"v": 2 * jnp.ones(3)}, {"step": 2})
+  for f in (tmp_path / "2").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  arrays, meta = checkpoint.Checkpointer(tmp_path).restore(like)
+  assert meta == {"step": 1}
+  np.testing.assert_array_equal(arrays["v"], np.ones(3))
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+  ck = checkpoint.Checkpointer(tmp_path, every=1)
+  ck.save(1, {"v": jnp.ones(3)}, {"step": 1})
+  # What a process killed mid-save leaves: a step without its commit.
+  (tmp_path / "2.orbax-checkpoint-tmp-123").mkdir()
+  arrays, meta = checkpoint.Checkpointer(tmp_path).restore({"v": jnp.zeros(3)})
+  assert meta == {"step": 1}
+  del arrays
+
+
+def launch(workdir, *extra):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  cmd = [sys.executable, "-m", "launch.main",
+         "--config=configs/mlp_digits.py:small", f"--workdir={workdir}",
+         "--config.show_pbar=False", "--config.num_iterations=150",
+         "--config.checkpoint_every=1", *extra]
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def newest_step(workdir):
+  steps = [int(p.name) for p in (workdir / "checkpoints" / "power").glob("*")
+           if p.name.isdigit()]
+  return max(steps, default=0)
+
+
+def wait_for_step(proc, workdir, step, timeout=240):
+  deadline = time.monotonic() + timeout
+  while newest_step(workdir) < step:
+    assert proc.poll() is None, proc.communicate()[0]
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+
+
+def test_killed_and_preempted_launcher_resumes_to_same_result(tmp_path):
+  whole = launch(tmp_path / "whole")
+  out, _ = whole.communicate(timeout=300)
+  assert whole.returncode == 0, out
+  workdir = tmp_path / "interrupted"
+  proc = launch(workdir)
+  wait_for_step(proc, workdir, 5)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  assert not (workdir / "result.json").exists()
+  killed_at = newest_step(workdir)
+  proc = launch(workdir)  # resumes, then is preempted
+  wait_for_step(proc, workdir, killed_at + 5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "Preempted" in out, out
+  assert f"Resuming from checkpoint step {killed_at}" in out
+  assert newest_step(workdir) < 150 and not (workdir / "result.json").exists()
+  proc = launch(workdir)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  a = json.loads((tmp_path / "whole" / "result.json").read_text())["history"]
+  b = json.loads((workdir / "result.json").read_text())["history"]
+  for key in ("eigenvalue", "alpha", "q"):
+    assert a[key] == b[key], key
