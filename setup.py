@@ -34,6 +34,9 @@ setuptools.setup(
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
         "test": ["pytest", "scipy", "scikit-learn"],
+        # Install a CPU build of torch first (pip install torch --index-url
+        # https://download.pytorch.org/whl/cpu), or pip fetches a CUDA one.
+        "bench": ["torch", "pyhessian", "scipy"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

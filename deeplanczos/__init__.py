@@ -5,6 +5,8 @@ whole dataset, by the power method and by Lanczos, from Hessian-vector
 products alone, with parameters and vectors sharded over a device mesh.
 """
 
+from deeplanczos._src.checks import OperatorCheck
+from deeplanczos._src.checks import check_operator
 from deeplanczos._src.density import DensityResult
 from deeplanczos._src.density import spectral_density
 from deeplanczos._src.lanczos import Decomposition
@@ -28,8 +30,10 @@ __all__ = (
     "HessianOperator",
     "InitPowerMethodVector",
     "LanczosResult",
+    "OperatorCheck",
     "PowerMethodIterate",
     "TraceResult",
+    "check_operator",
     "hutchinson",
     "hutchpp",
     "infer_sharding",

@@ -28,6 +28,7 @@ import deeplanczos
 from deeplanczos import checkpoint as checkpoint_lib
 from deeplanczos import data as data_lib
 from deeplanczos import models
+from deeplanczos._src import checks as checks_lib
 from deeplanczos._src import density as density_lib
 from deeplanczos._src import lanczos as lanczos_lib
 from deeplanczos._src import sharding as sharding_lib
@@ -80,6 +81,8 @@ class Task:
   y: np.ndarray
   partition_specs: Any = None  # pytree of PartitionSpec, or None for the rule
   timings: tuple[float, float] = (0.0, 0.0)  # training start and end
+  takes_rng: bool = False  # the loss is loss(params, x, y, rng) (dropout)
+  trained: bool = False  # the task trained its parameters itself
 
 
 def build_mesh(config) -> Mesh:
@@ -137,8 +140,67 @@ def transformer_tokens(config) -> Task:
   return _classifier(model, x, y, config)
 
 
+def bn_dropout_digits(config) -> Task:
+  """An MLP with BatchNorm and dropout on digits: a model with state.
+
+  Training updates BatchNorm's running statistics. The Hessian's loss never
+  does: with ``config.hessian.batch_norm='running'`` (the default) it uses
+  the running statistics, with ``'batch'`` each device's batch statistics,
+  whose update is discarded. With ``config.hessian.dropout`` dropout stays on
+  in the Hessian, its masks fixed per batch by the operator's ``loss_rng``.
+  """
+  x, y = data_lib.load_digits()
+  h = config.hessian
+  if h.batch_norm not in ("running", "batch"):
+    raise ConfigError("config.hessian.batch_norm must be 'running' or "
+                      f"'batch'; got {h.batch_norm!r}.")
+  if h.batch_norm == "batch" and len(y) % config.batch_size:
+    raise ConfigError(
+        "config.hessian.batch_norm='batch' needs full batches (a masked batch "
+        f"is differentiated example by example): config.batch_size="
+        f"{config.batch_size} must divide the {len(y)} examples.")
+  model = models.BNDropoutMLP(tuple(config.model.features),
+                              dropout_rate=config.model.dropout_rate)
+  key = jax.random.key(config.seed)
+  variables = model.init(key, x[:2], use_running_average=False, dropout=False)
+  params, stats = variables["params"], variables["batch_stats"]
+
+  def apply(p, s, xb, rng, running, dropout):
+    return model.apply({"params": p, "batch_stats": s}, xb,
+                       use_running_average=running, dropout=dropout,
+                       rngs={"dropout": rng}, mutable=["batch_stats"])
+
+  tx = optax.adam(config.train.learning_rate)
+
+  @jax.jit
+  def step(p, s, opt_state, xb, yb, rng):
+    def objective(p):
+      logits, new = apply(p, s, xb, rng, running=False, dropout=True)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, yb).mean(), new["batch_stats"]
+    (_, s), grads = jax.value_and_grad(objective, has_aux=True)(p)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), s, opt_state
+
+  opt_state = tx.init(params)
+  order = np.random.default_rng(config.seed).permutation(
+      np.resize(np.arange(len(y)), config.train.steps * config.train.batch_size))
+  for i, idx in enumerate(order.reshape(config.train.steps, -1)):
+    params, stats, opt_state = step(params, stats, opt_state, x[idx], y[idx],
+                                    jax.random.fold_in(key, i))
+  params, stats = jax.device_get((params, stats))
+  running = h.batch_norm == "running"
+
+  def loss(p, xb, yb, rng):
+    logits, _ = apply(p, stats, xb, rng, running=running, dropout=h.dropout)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+  return Task(loss, params, x, y, takes_rng=True, trained=True)
+
+
 TASKS = {"mlp_digits": mlp_digits, "cnn_digits": cnn_digits,
-         "transformer_tokens": transformer_tokens}
+         "transformer_tokens": transformer_tokens,
+         "bn_dropout_digits": bn_dropout_digits}
 
 
 def build_task(config) -> Task:
@@ -166,7 +228,7 @@ def build_task(config) -> Task:
 def train(task: Task, config) -> Any:
   """A few deterministic epochs of Adam, so the Hessian is a trained net's."""
   steps = config.train.steps
-  if not steps:
+  if not steps or task.trained:
     return task.params
   tx = optax.adam(config.train.learning_rate)
 
@@ -203,30 +265,31 @@ def _shardings(task: Task, mesh: Mesh, config):
                                      model_axis=config.model_axis)
 
 
-def _operator(loss, params, dataset, shardings, mesh, config, show_pbar):
+def _operator(loss, params, dataset, shardings, mesh, config, loss_rng):
   return deeplanczos.HessianOperator(
       loss, params, dataset, batch_parser=data_lib.parse_batch, mesh=mesh,
       shardings=shardings, data_axis=config.data_axis,
-      subset=config.subset or None, show_pbar=show_pbar)
+      subset=config.subset or None, loss_rng=loss_rng)
 
 
 def _power(loss, params, dataset, shardings, mesh, config, show_pbar,
-           checkpointer):
+           checkpointer, loss_rng):
   _, history = deeplanczos.PowerMethodIterate(
       loss, params, dataset, config.num_iterations,
       batch_parser=data_lib.parse_batch, show_pbar=show_pbar,
       tol=config.get("tol") or None, key=jax.random.key(config.seed),
       mesh=mesh, shardings=shardings, data_axis=config.data_axis,
-      subset=config.subset or None, checkpointer=checkpointer)
+      subset=config.subset or None, checkpointer=checkpointer,
+      loss_rng=loss_rng)
   return {"eigenvalue": float(history["eigenvalue"][-1]), "history": history,
           "num_hvps": len(history["iteration"]),
           "headline": f"eigenvalue {history['eigenvalue'][-1]:.6g}"}
 
 
 def _lanczos(loss, params, dataset, shardings, mesh, config, show_pbar,
-             checkpointer):
+             checkpointer, loss_rng):
   c = config.lanczos
-  op = _operator(loss, params, dataset, shardings, mesh, config, False)
+  op = _operator(loss, params, dataset, shardings, mesh, config, loss_rng)
   r = lanczos_lib.lanczos_operator(
       op, c.k, which=c.which, key=jax.random.key(config.seed),
       ncv=c.ncv or None, tol=c.tol, max_hvps=c.max_hvps, show_pbar=show_pbar,
@@ -241,9 +304,9 @@ def _lanczos(loss, params, dataset, shardings, mesh, config, show_pbar,
 
 
 def _density(loss, params, dataset, shardings, mesh, config, show_pbar,
-             checkpointer):
+             checkpointer, loss_rng):
   c = config.density
-  op = _operator(loss, params, dataset, shardings, mesh, config, False)
+  op = _operator(loss, params, dataset, shardings, mesh, config, loss_rng)
   r = density_lib.density_operator(
       op, num_probes=c.num_probes, num_steps=c.num_steps,
       key=jax.random.key(config.seed), grid_size=c.grid_size,
@@ -255,9 +318,9 @@ def _density(loss, params, dataset, shardings, mesh, config, show_pbar,
 
 
 def _trace(loss, params, dataset, shardings, mesh, config, show_pbar,
-           checkpointer):
+           checkpointer, loss_rng):
   c = config.trace
-  op = _operator(loss, params, dataset, shardings, mesh, config, False)
+  op = _operator(loss, params, dataset, shardings, mesh, config, loss_rng)
   estimators = {"hutch++": trace_lib.hutchpp_operator,
                 "hutchinson": trace_lib.hutchinson_operator}
   if c.estimator not in estimators:
@@ -371,7 +434,8 @@ def _jsonable(x):
 
 def _check_finite_loss(task, params, config, when):
   n = min(config.batch_size, len(task.y))
-  value = float(task.loss(params, task.x[:n], task.y[:n]))
+  rng = (jax.random.key(0),) if task.takes_rng else ()
+  value = float(task.loss(params, task.x[:n], task.y[:n], *rng))
   if not np.isfinite(value):
     raise ConfigError(f"The loss {when} is {value} on the first batch; the "
                       "Hessian of a non-finite loss means nothing. Check the "
@@ -450,12 +514,21 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       every=config.checkpoint_every)
   if handle_sigterm:
     checkpointer.listen_for_sigterm()
+  loss_rng = jax.random.key(config.seed + 1) if task.takes_rng else None
+  check = None
+  if config.get("check_operator", False):
+    check = checks_lib.check_hessian_operator(
+        _operator(task.loss, params, dataset, shardings, mesh, config,
+                  loss_rng), key=jax.random.key(config.seed))._asdict()
+    logging.info("Operator check: %s", check)
   try:
     result = method(task.loss, params, dataset, shardings, mesh, config,
                     show_pbar=lead and config.get("show_pbar", True),
-                    checkpointer=checkpointer)
+                    checkpointer=checkpointer, loss_rng=loss_rng)
   finally:
     checkpointer.close()
+  if check is not None:
+    result["operator_check"] = check
   end = time.perf_counter()
   headline = result.pop("headline")
   result.update({

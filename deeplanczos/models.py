@@ -98,3 +98,24 @@ class Transformer(nn.Module):
     for _ in range(self.num_layers):
       x = _Block(self.d_model, self.num_heads, self.mlp_dim)(x)
     return embed.attend(nn.LayerNorm()(x))
+
+
+class BNDropoutMLP(nn.Module):
+  """An MLP with BatchNorm and dropout: a model with state and randomness.
+
+  ``use_running_average`` picks BatchNorm's statistics (running averages, or
+  the batch's own); ``dropout`` turns dropout on (it then needs a
+  ``'dropout'`` rng).
+  """
+  features: Sequence[int] = (64, 64)
+  num_classes: int = 10
+  dropout_rate: float = 0.1
+
+  @nn.compact
+  def __call__(self, x, *, use_running_average: bool, dropout: bool):
+    x = x.reshape((x.shape[0], -1))
+    for width in self.features:
+      x = nn.Dense(width)(x)
+      x = nn.BatchNorm(use_running_average=use_running_average)(x)
+      x = nn.Dropout(self.dropout_rate, deterministic=not dropout)(nn.relu(x))
+    return nn.Dense(self.num_classes)(x)

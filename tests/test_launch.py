@@ -95,13 +95,14 @@ def finish(proc, timeout=300):
 def test_two_processes_match_one(tmp_path):
   finish(launch(tmp_path / "one", 1))
   port = free_port()
-  procs = [launch(tmp_path / f"p{i}", 2, f"--coordinator_address=127.0.0.1:{port}",
+  # One workdir for the job, as on a pod's shared storage: all processes
+  # write their shards of checkpoints there, only process 0 the results.
+  procs = [launch(tmp_path / "two", 2, f"--coordinator_address=127.0.0.1:{port}",
                   "--num_processes=2", f"--process_id={i}") for i in range(2)]
-  for p in procs:
-    finish(p)
+  logs = [finish(p) for p in procs]
   one = check_result(tmp_path / "one")
-  two = check_result(tmp_path / "p0")
-  assert not (tmp_path / "p1").exists()  # only process 0 writes
+  two = check_result(tmp_path / "two")
+  assert "results in" in logs[0] and "results in" not in logs[1]
   assert two["num_processes"] == 2 and two["mesh"] == {"data": 4, "model": 1}
   np.testing.assert_allclose(two["history"]["eigenvalue"],
                              one["history"]["eigenvalue"], rtol=1e-5)

@@ -46,7 +46,9 @@ def test_mlp_matches_dense_hessian():
   np.testing.assert_allclose(np.sqrt(hist["alpha"][-1]), abs(lam), rtol=1e-6)
   assert abs(helpers.flat(v) @ vec) > 0.999
   assert jax.tree.structure(v) == jax.tree.structure(params)
-  assert set(hist) == {"alpha", "eigenvalue", "q", "iteration", "loss"}
+  assert set(hist) == {"alpha", "eigenvalue", "q", "iteration", "loss",
+                       "seconds"}
+  assert np.all(hist["seconds"] > 0)
   np.testing.assert_array_equal(hist["iteration"], np.arange(300))
   assert hist["q"][-1] > 1 - 1e-9
   np.testing.assert_allclose(hist["loss"][0], loss(params, x, y), rtol=1e-12)

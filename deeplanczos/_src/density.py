@@ -55,8 +55,8 @@ def spectral_density(loss: Callable, params, batch_iterable, *,
                      grid_size: int = 1000, sigma: float | None = None,
                      batch_parser: Callable | None = None, mesh=None,
                      shardings=None, data_axis: str = "data", subset=None,
-                     show_pbar: bool = True,
-                     checkpointer=None) -> DensityResult:
+                     show_pbar: bool = True, checkpointer=None,
+                     loss_rng=None) -> DensityResult:
   """The Hessian's eigenvalue density by stochastic Lanczos quadrature.
 
   Args:
@@ -70,13 +70,17 @@ def spectral_density(loss: Callable, params, batch_iterable, *,
     show_pbar: a tqdm bar over probes.
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``; finished probes
       are saved and, after a restart, not run again.
+    loss_rng: a PRNG key for losses that take one (dropout): the loss is
+      then ``loss(params, x, y, rng)``, ``rng`` fixed per batch and device
+      (see ``HessianOperator``), so every pass applies the same ``H``.
 
   Returns:
     A :class:`DensityResult`.
   """
   op = operator_lib.HessianOperator(
       loss, params, batch_iterable, batch_parser=batch_parser, mesh=mesh,
-      shardings=shardings, data_axis=data_axis, subset=subset)
+      shardings=shardings, data_axis=data_axis, subset=subset,
+      loss_rng=loss_rng)
   return density_operator(op, num_probes=num_probes, num_steps=num_steps,
                           key=key, grid_size=grid_size, sigma=sigma,
                           show_pbar=show_pbar, checkpointer=checkpointer)

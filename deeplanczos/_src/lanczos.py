@@ -234,7 +234,7 @@ def lanczos(loss: Callable, params, batch_iterable, k: int, *,
             key=None, ncv: int | None = None, tol: float = 1e-6,
             max_hvps: int = 1000, v0=None, mesh=None, shardings=None,
             data_axis: str = "data", subset=None, show_pbar: bool = True,
-            checkpointer=None) -> LanczosResult:
+            checkpointer=None, loss_rng=None) -> LanczosResult:
   """``k`` eigenpairs of the Hessian of the dataset loss, by Lanczos.
 
   Args:
@@ -259,6 +259,9 @@ def lanczos(loss: Callable, params, batch_iterable, k: int, *,
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``: the basis and
       the recurrence's state are saved after steps and restored, if saved
       before, at the start.
+    loss_rng: a PRNG key for losses that take one (dropout): the loss is
+      then ``loss(params, x, y, rng)``, ``rng`` fixed per batch and device
+      (see ``HessianOperator``), so every pass applies the same ``H``.
 
   Returns:
     A :class:`LanczosResult`.
@@ -266,7 +269,7 @@ def lanczos(loss: Callable, params, batch_iterable, k: int, *,
   op = operator_lib.HessianOperator(
       loss, params, batch_iterable, batch_parser=batch_parser, mesh=mesh,
       shardings=shardings, data_axis=data_axis, subset=subset,
-      show_pbar=show_pbar)
+      show_pbar=show_pbar, loss_rng=loss_rng)
   return lanczos_operator(op, k, which=which, key=key, ncv=ncv, tol=tol,
                           max_hvps=max_hvps, v0=v0, show_pbar=show_pbar,
                           checkpointer=checkpointer)

@@ -128,6 +128,12 @@ class HessianOperator:
   the host reads three scalars per pass (example count, loss, first
   non-finite batch).
 
+  With ``loss_rng`` (a PRNG key), the loss is called as
+  ``loss(params, x, y, rng)`` with ``rng`` derived from ``loss_rng`` by
+  ``fold_in`` of the batch index and of the device's data-axis index (and of
+  the example's index in a masked batch): dropout masks are then the same on
+  every pass, so every product applies the same ``H``.
+
   Attributes:
     mesh: the device mesh.
     params: the full parameters, placed on their shardings.
@@ -142,7 +148,8 @@ class HessianOperator:
                batch_parser: Callable | None = None, mesh: Mesh | None = None,
                shardings=None,
                shardings_rule: Callable = sharding_lib.infer_sharding,
-               data_axis: str = "data", subset=None, show_pbar: bool = False):
+               data_axis: str = "data", subset=None, show_pbar: bool = False,
+               loss_rng=None):
     if not callable(loss):
       raise TypeError(f"loss must be callable, got {type(loss).__name__}.")
     if batch_parser is not None and not callable(batch_parser):
@@ -157,6 +164,7 @@ class HessianOperator:
     self.shardings = take_subset(self.template, full_shardings)
     self._full_shardings = full_shardings
     self._loss = loss
+    self._loss_rng = loss_rng
     self._parser = batch_parser
     self._data_axis = data_axis
     self._passes = _Passes(batch_iterable)
@@ -187,19 +195,31 @@ class HessianOperator:
   def _build_step(self, padded: bool):
     loss, data_axis = self._loss, self._data_axis
 
-    def local(params, v, x, y, w):
+    loss_rng = self._loss_rng
+
+    def call(p, x, y, rng):
+      return loss(p, x, y) if loss_rng is None else loss(p, x, y, rng)
+
+    def local(params, v, x, y, w, index):
       acc_dtype = w.dtype
+      rng = None
+      if loss_rng is not None:
+        rng = jax.random.fold_in(jax.random.fold_in(loss_rng, index),
+                                 lax.axis_index(data_axis))
 
       def objective(sub):
         p = merge_subset(params, sub)
         if padded:
           one = lambda a: a[None]
+          n = w.shape[0]
+          keys = (jnp.zeros(n) if rng is None else
+                  jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n)))
           per_example = jax.vmap(
-              lambda xi, yi: loss(p, jax.tree.map(one, xi),
-                                  jax.tree.map(one, yi)))(x, y)
+              lambda xi, yi, ki: call(p, jax.tree.map(one, xi),
+                                      jax.tree.map(one, yi), ki))(x, y, keys)
           return jnp.sum(w * per_example.astype(acc_dtype))
         n = jax.tree.leaves(x)[0].shape[0]
-        return n * loss(p, x, y).astype(acc_dtype)
+        return n * call(p, x, y, rng).astype(acc_dtype)
 
       # Parameters and v enter replicated over the data axis; marked
       # device-varying, their derivatives are this device's examples' alone
@@ -213,11 +233,12 @@ class HessianOperator:
 
     batched = P(data_axis)
     per_device = jax.shard_map(
-        local, mesh=self.mesh, in_specs=(P(), P(), batched, batched, batched),
+        local, mesh=self.mesh,
+        in_specs=(P(), P(), batched, batched, batched, P()),
         out_specs=(P(), P(), P()), axis_names={data_axis})
 
     def step(params, v, acc, stats, index, x, y, w):
-      hv, value, count = per_device(params, v, x, y, w)
+      hv, value, count = per_device(params, v, x, y, w, index)
       finite = jnp.isfinite(value)
       for leaf in jax.tree.leaves(hv):
         finite &= jnp.all(jnp.isfinite(leaf))
@@ -264,7 +285,8 @@ class HessianOperator:
     key = str(key)
     if key in self._checked:
       return
-    out = jax.eval_shape(self._loss, self.params, x, y)
+    args = () if self._loss_rng is None else (self._loss_rng,)
+    out = jax.eval_shape(self._loss, self.params, x, y, *args)
     if not (hasattr(out, "shape") and out.shape == ()
             and jnp.issubdtype(out.dtype, jnp.floating)):
       got = getattr(out, "shape", type(out).__name__)

@@ -2,6 +2,7 @@
 
 from collections.abc import Callable
 import numbers
+import time
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,7 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
                        show_pbar: bool = True, *, tol: float | None = None,
                        key=None, mesh=None, shardings=None,
                        data_axis: str = "data", subset=None,
-                       checkpointer=None):
+                       checkpointer=None, loss_rng=None):
   """Power iteration on the Hessian of the loss averaged over a dataset.
 
   Each iteration is one full pass over ``batch_iterable``: ``H v`` is the
@@ -94,6 +95,9 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
       only those leaves.
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``: the state is
       saved after iterations and restored, if saved before, at the start.
+    loss_rng: a PRNG key for losses that take one (dropout): the loss is
+      then ``loss(params, x, y, rng)``, ``rng`` fixed per batch and device
+      (see ``HessianOperator``), so every pass applies the same ``H``.
 
   Returns:
     ``(V, History)``: ``V`` the unit eigenvector estimate (shaped like ``P``,
@@ -108,6 +112,8 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
       which tends to 1 as the vector converges.
     - ``'iteration'``: the iteration indices ``0, 1, ...``.
     - ``'loss'``: the dataset loss at ``P`` (the same every iteration).
+    - ``'seconds'``: wall time of each iteration (the first includes
+      compilation).
   """
   if (not isinstance(num_iteration, numbers.Integral)
       or isinstance(num_iteration, bool) or num_iteration < 1):
@@ -118,7 +124,7 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
   op = operator_lib.HessianOperator(
       loss, P, batch_iterable, batch_parser=batch_parser, mesh=mesh,
       shardings=shardings, data_axis=data_axis, subset=subset,
-      show_pbar=show_pbar)
+      show_pbar=show_pbar, loss_rng=loss_rng)
   if V0 is None:
     v = op.random_vector(jax.random.key(0) if key is None else key)
   else:
@@ -135,6 +141,7 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
                   desc="power method", initial=len(records),
                   total=num_iteration, disable=not show_pbar)
   for k in bar:
+    tick = time.perf_counter()
     hv = op.matvec(v, where=f"at iteration {k}")
     loss_value = op.loss_value
     new_v, stats = _power_update(v, hv)
@@ -143,7 +150,7 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
       raise ValueError(
           f"H v = 0 at iteration {k}: the vector lies in the Hessian's null "
           "space. Start from another V0 or key.")
-    records.append((k, eigenvalue, alpha, q))
+    records.append((k, eigenvalue, alpha, q, time.perf_counter() - tick))
     bar.set_postfix(eigenvalue=f"{eigenvalue:.6g}", q=f"{q:.6f}")
     v = new_v
     finished = (tol is not None and k > 0 and abs(eigenvalue - records[-2][1])
@@ -155,12 +162,14 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
     if finished:
       break
   bar.close()
-  iteration, eigenvalue, alpha, q = (np.array(c) for c in zip(*records))
+  iteration, eigenvalue, alpha, q, seconds = (
+      np.array(c) for c in zip(*records))
   history = {
       "alpha": alpha,
       "eigenvalue": eigenvalue,
       "q": q,
       "iteration": iteration.astype(int),
       "loss": np.full(len(records), loss_value),
+      "seconds": seconds,
   }
   return v, history

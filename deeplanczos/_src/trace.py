@@ -135,7 +135,7 @@ def _operator(loss, params, batch_iterable, **kwargs):
 def hutchinson(loss: Callable, params, batch_iterable, *, num_probes=30,
                key=None, batch_parser=None, mesh=None, shardings=None,
                data_axis="data", subset=None, show_pbar=True,
-               checkpointer=None) -> TraceResult:
+               checkpointer=None, loss_rng=None) -> TraceResult:
   """Hutchinson's estimate of the Hessian's trace from Rademacher probes.
 
   Args:
@@ -145,17 +145,21 @@ def hutchinson(loss: Callable, params, batch_iterable, *, num_probes=30,
     key: PRNG key (default ``jax.random.key(0)``).
     show_pbar: a tqdm bar over probes.
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``.
+    loss_rng: a PRNG key for losses that take one (dropout): the loss is
+      then ``loss(params, x, y, rng)``, ``rng`` fixed per batch and device
+      (see ``HessianOperator``), so every pass applies the same ``H``.
   """
   op = _operator(loss, params, batch_iterable, batch_parser=batch_parser,
                  mesh=mesh, shardings=shardings, data_axis=data_axis,
-                 subset=subset)
+                 subset=subset, loss_rng=loss_rng)
   return hutchinson_operator(op, num_probes=num_probes, key=key,
                              show_pbar=show_pbar, checkpointer=checkpointer)
 
 
 def hutchpp(loss: Callable, params, batch_iterable, *, num_hvps=60, key=None,
             batch_parser=None, mesh=None, shardings=None, data_axis="data",
-            subset=None, show_pbar=True, checkpointer=None) -> TraceResult:
+            subset=None, show_pbar=True, checkpointer=None,
+            loss_rng=None) -> TraceResult:
   """The Hutch++ estimate of the Hessian's trace within ``num_hvps`` HVPs.
 
   Args:
@@ -166,9 +170,12 @@ def hutchpp(loss: Callable, params, batch_iterable, *, num_hvps=60, key=None,
     key: PRNG key (default ``jax.random.key(0)``).
     show_pbar: a tqdm bar over the products.
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``.
+    loss_rng: a PRNG key for losses that take one (dropout): the loss is
+      then ``loss(params, x, y, rng)``, ``rng`` fixed per batch and device
+      (see ``HessianOperator``), so every pass applies the same ``H``.
   """
   op = _operator(loss, params, batch_iterable, batch_parser=batch_parser,
                  mesh=mesh, shardings=shardings, data_axis=data_axis,
-                 subset=subset)
+                 subset=subset, loss_rng=loss_rng)
   return hutchpp_operator(op, num_hvps=num_hvps, key=key, show_pbar=show_pbar,
                           checkpointer=checkpointer)

@@ -1,0 +1,71 @@
+r"""Every benchmark in one run on one machine, written to BENCHMARKS.md.
+
+Runs each benchmark module as its own process (some set XLA flags or float64
+before jax starts), in this order, and gathers their tables with the machine
+and package versions:
+
+  hvp_cost           HVP against gradient: digits MLP and CNN, Transformer
+  pyhessian_compare  seconds per power iteration against PyHessian, same MLP
+  lanczos            HVPs to converge: Lanczos, scipy eigsh, power + deflation
+  memory             per-device memory on meshes of 8 fake devices
+  processes          time per iteration with 1 and 2 processes on 127.0.0.1
+
+  python -m benchmarks.report        (needs the bench extra: torch, pyhessian)
+
+Writes BENCHMARKS.md at the repository root; each table also stays in
+benchmarks/results/.
+"""
+
+import datetime
+import importlib.metadata
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+
+from benchmarks import common
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PARTS = ("hvp_cost", "pyhessian_compare", "lanczos", "memory", "processes")
+RESULT = {"pyhessian_compare": "pyhessian"}
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+            "numpy", "scipy", "torch", "pyhessian")
+
+
+def version(name):
+  try:
+    return importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return "not installed"
+
+
+def main():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  sections = []
+  for part in PARTS:
+    subprocess.run([sys.executable, "-m", f"benchmarks.{part}"], cwd=ROOT,
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    text = (common.RESULTS / f"{RESULT.get(part, part)}.md").read_text()
+    sections.append("#" + text)  # each part's title one level down
+  cpu = platform.processor() or platform.machine()
+  header = [
+      "# deeplanczos benchmarks",
+      "",
+      f"Measured {datetime.date.today()} in one run of "
+      "`python -m benchmarks.report`, all on one machine: "
+      f"{os.cpu_count()} CPU cores ({cpu}), no accelerator; Python "
+      f"{platform.python_version()}; "
+      + ", ".join(f"{p} {version(p)}" for p in PACKAGES) + ".",
+      "",
+      "No GPU was lent to the session that made this report, so there is no "
+      "GPU column.",
+      "",
+  ]
+  (ROOT / "BENCHMARKS.md").write_text("\n".join(header) + "\n" +
+                                      "\n".join(sections))
+  print((ROOT / "BENCHMARKS.md").read_text())
+
+
+if __name__ == "__main__":
+  main()
