@@ -98,7 +98,7 @@ def launch(workdir, *extra):
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   cmd = [sys.executable, "-m", "launch.main",
          "--config=configs/mlp_digits.py:small", f"--workdir={workdir}",
-         "--config.show_pbar=False", "--config.num_iterations=150",
+         "--config.show_pbar=False", "--config.num_iterations=60",
          "--config.checkpoint_every=1", *extra]
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -136,7 +136,7 @@ def test_killed_and_preempted_launcher_resumes_to_same_result(tmp_path):
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0 and "Preempted" in out, out
   assert f"Resuming from checkpoint step {killed_at}" in out
-  assert newest_step(workdir) < 150 and not (workdir / "result.json").exists()
+  assert newest_step(workdir) < 60 and not (workdir / "result.json").exists()
   proc = launch(workdir)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out

@@ -185,3 +185,14 @@ def test_launcher_exits_with_message(tmp_path, args, message):
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode != 0 and message in out
   assert not (tmp_path / "run").exists()
+
+
+def test_launcher_requires_workdir():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.main",
+       "--config=configs/mlp_digits.py:small"], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode != 0
+  assert "--workdir" in proc.stderr and "must have a value" in proc.stderr
