@@ -8,7 +8,7 @@ HERE = pathlib.Path(__file__).parent
 
 setuptools.setup(
     name="deeplanczos",
-    version="0.1.0",
+    version="0.2.0",
     description=("Matrix-free Hessian eigenvalues (power method, Lanczos) of "
                  "deep-network losses over a whole dataset, sharded on a "
                  "device mesh"),
@@ -25,6 +25,7 @@ setuptools.setup(
         "absl-py",
         "ml-collections",
         "optax",
+        "orbax-checkpoint",
         "tqdm",
         "numpy",
         "matplotlib",

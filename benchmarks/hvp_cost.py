@@ -14,9 +14,9 @@ import jax
 import optax
 
 from benchmarks import common
+import deeplanczos
 from deeplanczos import data
 from deeplanczos import models
-from deeplanczos._src import operator as operator_lib
 
 
 def measure(name, model, x, y):
@@ -29,7 +29,7 @@ def measure(name, model, x, y):
   grad = jax.jit(jax.grad(loss))
   hvp = jax.jit(lambda p, v, xb, yb: jax.jvp(
       lambda q: jax.grad(loss)(q, xb, yb), (p,), (v,))[1])
-  op = operator_lib.HessianOperator(loss, params, [(x, y)])
+  op = deeplanczos.HessianOperator(loss, params, [(x, y)])
   v = op.random_vector(jax.random.key(1))
 
   t_grad = common.median_seconds(grad, params, x, y)

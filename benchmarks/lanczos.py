@@ -30,7 +30,6 @@ import deeplanczos  # pylint: disable=g-import-not-at-top,wrong-import-position
 from deeplanczos import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from deeplanczos import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
 from deeplanczos._src import basis as basis_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from deeplanczos._src import lanczos as lanczos_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from deeplanczos._src import tree_math  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 K, TOL = 5, 1e-6
@@ -43,7 +42,7 @@ def cnn_operator():
   spec.model.hidden = 64
   task = experiment.build_task(spec)
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
-                        experiment.train(task, spec))
+                        experiment.train(task, spec).params)
   x = task.x.astype(np.float64)
   dataset = data_lib.batch_dataset(x, task.y, 256)
   return lambda: deeplanczos.HessianOperator(
@@ -53,7 +52,8 @@ def cnn_operator():
 def by_lanczos(make_op):
   op = make_op()
   start = time.perf_counter()
-  r = lanczos_lib.lanczos_operator(op, K, tol=TOL, ncv=20, max_hvps=500)
+  r = deeplanczos.lanczos(op, K, tol=TOL, ncv=20, max_hvps=500,
+                          show_pbar=False)
   seconds = time.perf_counter() - start
   assert np.all(r.residuals <= TOL * np.abs(r.eigenvalues)), r.residuals
   return r.eigenvalues, r.num_hvps, seconds
@@ -103,14 +103,14 @@ def step_overhead(make_op, ncv, steps=40):
   so the two are timed alike.
   """
   op = make_op()
-  lanczos_lib.lanczos_operator(op, 2, ncv=ncv, tol=1e-300, max_hvps=4)
+  deeplanczos.lanczos(op, 2, ncv=ncv, tol=1e-300, max_hvps=4, show_pbar=False)
   v = op.random_vector(jax.random.key(0))
   start = time.perf_counter()
   for _ in range(steps):
     jax.block_until_ready(op.matvec(v))
   hvp = (time.perf_counter() - start) / steps
   start = time.perf_counter()
-  r = lanczos_lib.lanczos_operator(op, 2, ncv=ncv, tol=1e-300,
+  r = deeplanczos.lanczos(op, 2, ncv=ncv, tol=1e-300, show_pbar=False,
                                    max_hvps=steps)
   per_step = (time.perf_counter() - start) / r.num_hvps
   return hvp, per_step
@@ -124,7 +124,8 @@ def compile_seconds(make_op, steps):
   basis_lib.orthogonalize.lower(basis, v, 1).compile()
   seconds = time.perf_counter() - start  # a basis size not compiled before
   before = basis_lib.orthogonalize._cache_size()  # pylint: disable=protected-access
-  lanczos_lib.lanczos_operator(op, 2, ncv=steps, tol=1e-300, max_hvps=steps)
+  deeplanczos.lanczos(op, 2, ncv=steps, tol=1e-300, max_hvps=steps,
+                      show_pbar=False)
   compiles = basis_lib.orthogonalize._cache_size() - before  # pylint: disable=protected-access
   return seconds, compiles
 

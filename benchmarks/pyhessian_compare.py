@@ -40,8 +40,8 @@ ITERATIONS = 60
 def trained_mlp():
   config = experiment.base_config()
   config.model.features = (32,)
-  task = experiment.mlp_digits(config)
-  return task, experiment.train(task, config)
+  task = experiment.tasks.mlp_digits(config)
+  return task, experiment.train(task, config).params
 
 
 def to_torch(params):

@@ -3,6 +3,10 @@
 The largest Hessian eigenvalues and eigenvectors of a loss averaged over a
 whole dataset, by the power method and by Lanczos, from Hessian-vector
 products alone, with parameters and vectors sharded over a device mesh.
+
+Every method takes a :class:`HessianOperator` first (``lanczos(op, k)``), or
+the loss, parameters and batches with the operator's options
+(``lanczos(loss, params, data, k, mesh=...)``).
 """
 
 from deeplanczos._src.checks import OperatorCheck
@@ -16,13 +20,17 @@ from deeplanczos._src.lanczos import tridiagonalize
 from deeplanczos._src.operator import HessianOperator
 from deeplanczos._src.power import InitPowerMethodVector
 from deeplanczos._src.power import PowerMethodIterate
+from deeplanczos._src.power import PowerResult
+from deeplanczos._src.power import power_iteration
+from deeplanczos._src.power import top_eigenvalue
 from deeplanczos._src.sharding import infer_sharding
 from deeplanczos._src.sharding import make_mesh
+from deeplanczos._src.subset import path_str
 from deeplanczos._src.trace import TraceResult
 from deeplanczos._src.trace import hutchinson
 from deeplanczos._src.trace import hutchpp
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
     "Decomposition",
@@ -32,6 +40,7 @@ __all__ = (
     "LanczosResult",
     "OperatorCheck",
     "PowerMethodIterate",
+    "PowerResult",
     "TraceResult",
     "check_operator",
     "hutchinson",
@@ -39,6 +48,9 @@ __all__ = (
     "infer_sharding",
     "lanczos",
     "make_mesh",
+    "path_str",
+    "power_iteration",
     "spectral_density",
+    "top_eigenvalue",
     "tridiagonalize",
 )

@@ -1,5 +1,8 @@
 """Small models with answers known without deeplanczos: dense Hessians."""
 
+import importlib.util
+import pathlib
+
 import flax.linen as nn
 import jax
 from jax.flatten_util import ravel_pytree
@@ -90,3 +93,17 @@ def nan_task(config):
   """A user task whose loss is NaN at its parameters."""
   loss, params, data = user_task(config)
   return loss, jax.tree.map(lambda a: a * np.nan, params), data
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def small_config(name="mlp_digits"):
+  """``configs/NAME.py:small`` with the progress bar off."""
+  spec = importlib.util.spec_from_file_location(
+      name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("small")
+  config.show_pbar = False
+  return config

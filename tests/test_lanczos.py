@@ -8,7 +8,6 @@ import deeplanczos
 from deeplanczos._src import basis as basis_lib
 from deeplanczos._src import density as density_lib
 from deeplanczos._src import lanczos as lanczos_lib
-from deeplanczos._src import operator as operator_lib
 from tests import helpers
 
 
@@ -78,7 +77,7 @@ def test_early_breakdown():
   spectrum = [4.0, 3.0, 2.0, 1.0, 0.5, 0.25, 0.125]
   loss, params, x, y, h = helpers.quadratic_problem(spectrum)
   w, u = np.linalg.eigh(h)
-  op = operator_lib.HessianOperator(loss, params, [(x, y)])
+  op = deeplanczos.HessianOperator(loss, params, [(x, y)])
   _, unravel = jax.flatten_util.ravel_pytree(params)
   v0 = unravel(u[:, -1] + u[:, -3])  # in the span of two eigenvectors
   d = deeplanczos.tridiagonalize(op, v0, 6)
@@ -92,7 +91,7 @@ def test_early_breakdown():
 
 def test_lanczos_identities_without_restart(mlp):
   loss, params, batches, h, _, _ = mlp
-  op = operator_lib.HessianOperator(loss, params, batches)
+  op = deeplanczos.HessianOperator(loss, params, batches)
   steps = 10
   d = deeplanczos.tridiagonalize(op, op.random_vector(jax.random.key(2)),
                                  steps)
@@ -162,7 +161,7 @@ def test_hutchpp_exact_for_low_rank():
 
 def test_per_layer_operator(mlp):
   loss, params, batches, h, _, _ = mlp
-  paths = [operator_lib.path_str(p) for p, _ in
+  paths = [deeplanczos.path_str(p) for p, _ in
            jax.tree_util.tree_leaves_with_path(params)]
   sizes = [a.size for a in jax.tree.leaves(params)]
   offsets = np.cumsum([0] + sizes)
@@ -175,7 +174,7 @@ def test_per_layer_operator(mlp):
   np.testing.assert_allclose(r.eigenvalues, wb[::-1][:3], rtol=1e-6)
   assert {a.shape for a in jax.tree.leaves(r.eigenvectors)} == {(3, 3),
                                                                  (3, 5, 3)}
-  assert all("Dense_1" in operator_lib.path_str(p) for p, _ in
+  assert all("Dense_1" in deeplanczos.path_str(p) for p, _ in
              jax.tree_util.tree_leaves_with_path(r.eigenvectors))
   _, hist = deeplanczos.PowerMethodIterate(loss, params, batches, 200,
                                            subset="Dense_1", show_pbar=False)
@@ -229,11 +228,12 @@ def test_bad_arguments(mlp):
 
 def test_counts_are_per_run_on_a_reused_operator(mlp):
   loss, params, batches, _, w, _ = mlp
-  op = operator_lib.HessianOperator(loss, params, batches)
-  first = lanczos_lib.lanczos_operator(op, 2, max_hvps=6, tol=1e-14)
-  again = lanczos_lib.lanczos_operator(op, 2, max_hvps=6, tol=1e-14)
+  op = deeplanczos.HessianOperator(loss, params, batches)
+  first = deeplanczos.lanczos(op, 2, max_hvps=6, tol=1e-14, show_pbar=False)
+  again = deeplanczos.lanczos(op, 2, max_hvps=6, tol=1e-14, show_pbar=False)
   assert first.num_hvps == again.num_hvps == 6 + 2  # + explicit residuals
   np.testing.assert_allclose(again.eigenvalues, first.eigenvalues)
-  d = density_lib.density_operator(op, num_probes=1, num_steps=3)
+  d = deeplanczos.spectral_density(op, num_probes=1, num_steps=3,
+                                   show_pbar=False)
   assert d.num_hvps == 3 and op.num_matvecs == 19
   del w

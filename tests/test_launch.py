@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -11,19 +10,10 @@ import numpy as np
 import pytest
 
 from deeplanczos import experiment
+from tests import helpers
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def small_config(name="mlp_digits"):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("small")
-  config.show_pbar = False
-  return config
+ROOT = helpers.ROOT
+small_config = helpers.small_config
 
 
 def check_result(workdir, method="power"):

@@ -214,7 +214,8 @@ class TestBadInput:
         out, self.batches = self.batches, []
         return iter(out)
     with pytest.raises(ValueError, match="Pass 2 over the data gave no batch"):
-      self.run(self.loss, self.params, Once(self.batches), 3)
+      self.run(self.loss, self.params, Once(self.batches), 3,
+               data_on_device=False)
 
   def test_not_iterable(self):
     with pytest.raises(TypeError, match="re-iterable"):

@@ -12,7 +12,6 @@ import pytest
 
 import deeplanczos
 from deeplanczos import models
-from deeplanczos._src import operator as operator_lib
 from deeplanczos._src import sharding as sharding_lib
 from tests import helpers
 
@@ -86,7 +85,7 @@ def test_params_sharded_by_jit_out_shardings_are_kept():
   mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
   shardings = RULE(params, mesh)
   made = jax.jit(lambda p: p, out_shardings=shardings)(params)
-  op = operator_lib.HessianOperator(loss, made, [(x, y)])
+  op = deeplanczos.HessianOperator(loss, made, [(x, y)])
   assert op.mesh == mesh
   assert jax.tree.leaves(op.shardings) == jax.tree.leaves(shardings)
   v = op.random_vector(jax.random.key(0))

@@ -10,15 +10,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
-
-
-def basis_shardings(shardings):
-  """The basis' shardings: each vector sharding with a leading, unsplit axis."""
-  return jax.tree.map(lambda s: NamedSharding(s.mesh, P(None, *s.spec)),
-                      shardings)
 
 
 def zeros(template, size, shardings):
@@ -26,7 +20,7 @@ def zeros(template, size, shardings):
   specs = [((size, *t.shape), t.dtype) for t in jax.tree.leaves(template)]
   treedef = jax.tree.structure(template)
   make = lambda: treedef.unflatten([jnp.zeros(s, d) for s, d in specs])
-  return jax.jit(make, out_shardings=basis_shardings(shardings))()
+  return jax.jit(make, out_shardings=sharding_lib.basis_shardings(shardings))()
 
 
 @functools.partial(jax.jit, donate_argnums=0)

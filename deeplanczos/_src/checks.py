@@ -7,14 +7,13 @@ updated during a pass break that silently; this check shows it in three
 products.
 """
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deeplanczos._src import operator as operator_lib
+from deeplanczos._src import api
 from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
 
@@ -45,8 +44,25 @@ def _measures(u, v, hv, hv_again, hu):
   return jnp.stack([repeat, gap / scale])
 
 
-def check_hessian_operator(op, *, key=None, tolerance=None) -> OperatorCheck:
-  """:func:`check_operator` on an existing :class:`HessianOperator`."""
+@api.takes_operator
+def check_operator(op, *, key=None,
+                   tolerance: float | None = None) -> OperatorCheck:
+  """Checks that the dataset Hessian is deterministic and symmetric.
+
+  Three products (full data passes): ``Hv`` twice and ``Hu``, for random unit
+  ``u`` and ``v``. Also callable as ``check_operator(loss, params,
+  batch_iterable, ...)`` with the keyword options of
+  :class:`HessianOperator`.
+
+  Args:
+    op: the operator.
+    key: PRNG key for ``u`` and ``v`` (default ``jax.random.key(0)``).
+    tolerance: relative tolerance; default ``sqrt(eps)`` of the parameters'
+      dtype (rounding differences lie far below it).
+
+  Returns:
+    An :class:`OperatorCheck`.
+  """
   ku, kv = jax.random.split(jax.random.key(0) if key is None else key)
   u, v = op.random_vector(ku), op.random_vector(kv)
   hv = op.matvec(v, where="in the check's first product")
@@ -59,29 +75,3 @@ def check_hessian_operator(op, *, key=None, tolerance=None) -> OperatorCheck:
     tolerance = float(np.sqrt(jnp.finfo(dtype).eps))
   return OperatorCheck(bool(repeat <= tolerance), bool(asymmetry <= tolerance),
                        float(repeat), float(asymmetry), float(tolerance))
-
-
-def check_operator(loss: Callable, params, batch_iterable, *, key=None,
-                   tolerance: float | None = None, batch_parser=None,
-                   mesh=None, shardings=None, data_axis="data", subset=None,
-                   loss_rng=None) -> OperatorCheck:
-  """Checks that the dataset Hessian is deterministic and symmetric.
-
-  Three products (full data passes): ``Hv`` twice and ``Hu``, for random unit
-  ``u`` and ``v``.
-
-  Args:
-    loss, params, batch_iterable, batch_parser, mesh, shardings, data_axis,
-      subset, loss_rng: as for :func:`deeplanczos.lanczos`.
-    key: PRNG key for ``u`` and ``v`` (default ``jax.random.key(0)``).
-    tolerance: relative tolerance; default ``sqrt(eps)`` of the parameters'
-      dtype (rounding differences lie far below it).
-
-  Returns:
-    An :class:`OperatorCheck`.
-  """
-  op = operator_lib.HessianOperator(
-      loss, params, batch_iterable, batch_parser=batch_parser, mesh=mesh,
-      shardings=shardings, data_axis=data_axis, subset=subset,
-      loss_rng=loss_rng)
-  return check_hessian_operator(op, key=key, tolerance=tolerance)

@@ -9,15 +9,14 @@ expectation over random probes is the eigenvalue density
 node by a Gaussian gives a smooth density (Ghorbani et al., 2019).
 """
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import numpy as np
-import tqdm.auto as tqdm
 
+from deeplanczos._src import api
+from deeplanczos._src import driver
 from deeplanczos._src import lanczos as lanczos_lib
-from deeplanczos._src import operator as operator_lib
 
 
 class DensityResult(NamedTuple):
@@ -50,46 +49,67 @@ def gaussian_density(nodes, weights, grid, sigma):
   return np.einsum("pi,pig->g", weights, kernel) / nodes.shape[0]
 
 
-def spectral_density(loss: Callable, params, batch_iterable, *,
-                     num_probes: int = 8, num_steps: int = 64, key=None,
-                     grid_size: int = 1000, sigma: float | None = None,
-                     batch_parser: Callable | None = None, mesh=None,
-                     shardings=None, data_axis: str = "data", subset=None,
-                     show_pbar: bool = True, checkpointer=None,
-                     loss_rng=None) -> DensityResult:
+class DensityState(NamedTuple):
+  """SLQ after ``done`` probes: their quadrature nodes and weights."""
+  nodes: np.ndarray
+  weights: np.ndarray
+  done: int
+
+
+def init(num_probes: int, num_steps: int) -> DensityState:
+  return DensityState(np.full((num_probes, num_steps), np.nan),
+                      np.zeros((num_probes, num_steps)), 0)
+
+
+def step(op, state: DensityState, keys, num_steps) -> DensityState:
+  """One probe: ``T`` from ``num_steps`` Lanczos steps on a Rademacher ``v``;
+  its eigenvalues are the nodes, the squared first components the weights."""
+  p = state.done
+  probe = op.random_vector(keys[p], kind="rademacher")
+  decomposition = lanczos_lib.tridiagonalize(op, probe, num_steps)
+  theta, s = np.linalg.eigh(decomposition.tridiagonal)
+  nodes, weights = state.nodes.copy(), state.weights.copy()
+  nodes[p, :theta.size] = theta
+  weights[p, :theta.size] = s[0] ** 2
+  return DensityState(nodes, weights, p + 1)
+
+
+def result(state: DensityState, run, grid_size, sigma) -> DensityResult:
+  """The nodes broadened by a Gaussian of width ``sigma`` on a grid."""
+  nodes, weights = state.nodes, state.weights
+  lo, hi = np.nanmin(nodes), np.nanmax(nodes)
+  width = hi - lo if hi > lo else max(abs(hi), 1.0)
+  sigma = 0.01 * width if sigma is None else sigma
+  pad = 0.05 * width + 5 * sigma
+  grid = np.linspace(lo - pad, hi + pad, grid_size)
+  return DensityResult(grid, gaussian_density(nodes, weights, grid, sigma),
+                       nodes, weights, float(sigma), run.num_hvps)
+
+
+@api.takes_operator
+def spectral_density(op, *, num_probes: int = 8, num_steps: int = 64,
+                     key=None, grid_size: int = 1000,
+                     sigma: float | None = None, show_pbar: bool = True,
+                     checkpointer=None) -> DensityResult:
   """The Hessian's eigenvalue density by stochastic Lanczos quadrature.
 
+  Also callable as ``spectral_density(loss, params, batch_iterable, ...)``
+  with the keyword options of :class:`HessianOperator`.
+
   Args:
-    loss, params, batch_iterable, batch_parser, mesh, shardings, data_axis,
-      subset: as for :func:`deeplanczos.lanczos`.
+    op: the operator.
     num_probes: random Rademacher probes (``num_probes * num_steps`` HVPs).
     num_steps: Lanczos steps per probe (memory: that many vectors).
     key: PRNG key for the probes (default ``jax.random.key(0)``).
     grid_size: points of the returned density.
     sigma: Gaussian broadening; default 1% of the nodes' range.
-    show_pbar: a tqdm bar over probes.
+    show_pbar: a tqdm bar over the products.
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``; finished probes
       are saved and, after a restart, not run again.
-    loss_rng: a PRNG key for losses that take one (dropout): the loss is
-      then ``loss(params, x, y, rng)``, ``rng`` fixed per batch and device
-      (see ``HessianOperator``), so every pass applies the same ``H``.
 
   Returns:
     A :class:`DensityResult`.
   """
-  op = operator_lib.HessianOperator(
-      loss, params, batch_iterable, batch_parser=batch_parser, mesh=mesh,
-      shardings=shardings, data_axis=data_axis, subset=subset,
-      loss_rng=loss_rng)
-  return density_operator(op, num_probes=num_probes, num_steps=num_steps,
-                          key=key, grid_size=grid_size, sigma=sigma,
-                          show_pbar=show_pbar, checkpointer=checkpointer)
-
-
-def density_operator(op, *, num_probes=8, num_steps=64, key=None,
-                     grid_size=1000, sigma=None, show_pbar=False,
-                     checkpointer=None):
-  """:func:`spectral_density` on an existing :class:`HessianOperator`."""
   for name, value in (("num_probes", num_probes), ("num_steps", num_steps),
                       ("grid_size", grid_size)):
     if not isinstance(value, (int, np.integer)) or value < 1:
@@ -98,30 +118,10 @@ def density_operator(op, *, num_probes=8, num_steps=64, key=None,
     raise ValueError(f"sigma must be positive, got {sigma!r}.")
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           num_probes)
-  nodes = np.full((num_probes, num_steps), np.nan)
-  weights = np.zeros((num_probes, num_steps))
-  done, earlier = 0, 0
-  if checkpointer is not None and (saved := checkpointer.restore({})):
-    done, earlier = saved[1]["probes"], saved[1]["hvps"]
-    nodes[:done] = np.array(saved[1]["nodes"], np.float64)
-    weights[:done] = saved[1]["weights"]
-  first = op.num_matvecs - earlier
-  for p in tqdm.trange(done, num_probes, desc="SLQ probes", initial=done,
-                       total=num_probes, disable=not show_pbar):
-    probe = op.random_vector(keys[p], kind="rademacher")
-    decomposition = lanczos_lib.tridiagonalize(op, probe, num_steps)
-    theta, s = np.linalg.eigh(decomposition.tridiagonal)
-    nodes[p, :theta.size] = theta
-    weights[p, :theta.size] = s[0] ** 2
-    if checkpointer is not None and p + 1 < num_probes:
-      checkpointer.save(p + 1, {}, {
-          "probes": p + 1, "hvps": op.num_matvecs - first,
-          "nodes": lanczos_lib.nan_to_none(nodes[:p + 1]),
-          "weights": weights[:p + 1].tolist()})
-  lo, hi = np.nanmin(nodes), np.nanmax(nodes)
-  width = hi - lo if hi > lo else max(abs(hi), 1.0)
-  sigma = 0.01 * width if sigma is None else sigma
-  pad = 0.05 * width + 5 * sigma
-  grid = np.linspace(lo - pad, hi + pad, grid_size)
-  return DensityResult(grid, gaussian_density(nodes, weights, grid, sigma),
-                       nodes, weights, float(sigma), op.num_matvecs - first)
+  method = driver.Method(
+      name="SLQ", step=lambda op, s: step(op, s, keys, num_steps),
+      done=lambda s: s.done == num_probes,
+      planned_hvps=num_probes * num_steps)
+  run = driver.run(op, method, init(num_probes, num_steps),
+                   checkpointer=checkpointer, show_pbar=show_pbar)
+  return result(run.state, run, grid_size, sigma)

@@ -19,16 +19,17 @@ leaf keeps its sharding; the tiny projected matrix ``T`` is solved in float64
 on the host.
 """
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm.auto as tqdm
 
+from deeplanczos._src import api
 from deeplanczos._src import basis as basis_lib
+from deeplanczos._src import driver
 from deeplanczos._src import operator as operator_lib
+from deeplanczos._src import power
 from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
 
@@ -78,34 +79,207 @@ def order(theta: np.ndarray, which: str) -> np.ndarray:
   return np.argsort(-np.abs(theta), kind="stable")
 
 
-class _State:
-  """The host side of the recurrence: ``T``, the coupling, the slot count."""
+class LanczosState(NamedTuple):
+  """Thick-restart Lanczos after ``num_steps`` products.
 
-  def __init__(self, size):
-    self.t = np.zeros((size, size))
-    self.j = 0          # the slot whose H q_j comes next
-    self.kept = 0       # Ritz vectors kept by the last restart
-    self.block = 0      # the first slot after the last breakdown
-    self.beta = 0.0     # ||w|| after the last step
+  Attributes:
+    basis: ``Q``, ``m + 1`` slots (device arrays); slots ``0..j`` are in use.
+    w: the last product, orthogonalized against the basis: the next basis
+      vector times ``beta`` (device arrays).
+    t: ``(m, m)`` float64, the projected matrix ``Q^T H Q``.
+    j: the slot whose product was computed last.
+    kept: the Ritz vectors kept by the last restart.
+    block: the first slot after the last near-breakdown.
+    beta: ``||w||``.
+    key: the PRNG key for vectors after a breakdown.
+    ritz: ``(max_hvps, k)`` the wanted Ritz values after each step.
+    num_steps: the products computed so far.
+    converged: every wanted pair meets the tolerance.
+    exhausted: the basis spans the whole space.
+  """
+  basis: Any
+  w: Any
+  t: np.ndarray
+  j: int
+  kept: int
+  block: int
+  beta: float
+  key: Any
+  ritz: np.ndarray
+  num_steps: int
+  converged: bool
+  exhausted: bool
 
-  def ritz(self, start=0):
-    """Ritz values, vectors and residuals of ``T[start:j+1, start:j+1]``."""
-    theta, s = np.linalg.eigh(self.t[start:self.j + 1, start:self.j + 1])
-    return theta, s, np.abs(self.beta * s[-1])
+
+class _Options(NamedTuple):
+  k: int
+  which: str
+  tol: float
+  size: int      # m, the basis slots
+  dimension: int  # n, the operator's
+  tiny: float    # below tiny * ||T|| a vector is rounding noise
 
 
-def _block_done(state, which, tol, tiny):
+def ritz(t, j, beta, start=0):
+  """Ritz values, vectors and residual estimates of ``T[start:j+1, start:j+1]``.
+
+  ``theta, S = eigh(T)``; the pair ``(theta_i, Q S_i)`` has residual
+  ``|beta * S_{last, i}|``.
+  """
+  theta, s = np.linalg.eigh(t[start:j + 1, start:j + 1])
+  return theta, s, np.abs(beta * s[-1])
+
+
+def _block_done(state, opts):
   """Whether the block since the last breakdown holds nothing more to find.
 
   Its extreme Ritz values (both ends for 'LM') converge first and from
   inside; once they have, the block's eigenvalues are no more wanted than
   them, and the caller compares them with the wanted ones through ``T``.
   """
-  theta, _, res = state.ritz(state.block)
+  theta, _, res = ritz(state.t, state.j, state.beta, state.block)
   ends = [np.argmax(theta), np.argmin(theta)]
+  which = opts.which
   ends = ends if which == "LM" else ends[:1] if which == "LA" else ends[1:]
-  scale = np.maximum(np.abs(theta[ends]), tiny * np.abs(theta).max())
-  return bool(np.all(res[ends] <= tol * scale))
+  scale = np.maximum(np.abs(theta[ends]), opts.tiny * np.abs(theta).max())
+  return bool(np.all(res[ends] <= opts.tol * scale))
+
+
+def _near_breakdown(beta, theta, dtype_eps):
+  """``beta`` at the products' rounding noise: span(Q) is nearly invariant."""
+  return beta <= np.sqrt(dtype_eps) * max(np.abs(theta).max(), 1e-300)
+
+
+def init(op, v0, *, size, max_hvps, k, key) -> LanczosState:
+  """The state before the first product: ``q_0 = v0`` (unit) in slot 0."""
+  basis = basis_lib.put(basis_lib.zeros(op.template, size + 1, op.shardings),
+                        0, v0)
+  return LanczosState(
+      basis=basis, w=basis_lib.get(basis, 0), t=np.zeros((size, size)), j=0,
+      kept=0, block=0, beta=0.0, key=key, ritz=np.full((max_hvps, k), np.nan),
+      num_steps=0, converged=False, exhausted=False)
+
+
+def expand(op, state: LanczosState, opts: _Options) -> LanczosState:
+  """One product and its place in ``T``.
+
+  ``w = H q_j``; ``alpha_j = <q_j, w>`` and ``w <- w - Q Q^T w`` (twice,
+  full reorthogonalization); ``beta = ||w||``. After a restart, the first
+  step also fills the arrow ``T[:j, j] = <q_i, w>``. Then it records the
+  wanted Ritz values and decides convergence: every wanted pair has
+  ``|beta s_{m,i}| <= tol |theta_i|``, ``beta`` is not at rounding noise
+  (where eigenvalues outside span(Q) are unseen), and the block since the
+  last breakdown has nothing more to find.
+  """
+  j = state.j
+  w = op.matvec(basis_lib.get(state.basis, j),
+                where=f"at Lanczos step {state.num_steps}")
+  w, c, beta = basis_lib.orthogonalize(state.basis, w, j + 1)
+  c = sharding_lib.host_value(c).astype(np.float64)
+  beta = float(sharding_lib.host_value(beta))
+  t = state.t.copy()
+  t[j, j] = c[j]
+  if j == state.kept and j > 0:  # first step after a restart: the arrow
+    t[:j, j] = t[j, :j] = c[:j]
+  theta, _, res = ritz(t, j, beta)
+  wanted = order(theta, opts.which)[:opts.k]
+  history = state.ritz.copy()
+  history[state.num_steps, :len(wanted)] = theta[wanted]
+  scale = np.maximum(np.abs(theta[wanted]), opts.tiny * np.abs(theta).max())
+  state = state._replace(w=w, t=t, beta=beta, ritz=history,
+                         num_steps=state.num_steps + 1,
+                         exhausted=j + 1 == opts.dimension)
+  eps = opts.tiny / 100
+  converged = (len(wanted) == opts.k and np.all(res[wanted] <= opts.tol * scale)
+               and not _near_breakdown(beta, theta, eps)
+               and (state.block == 0 or _block_done(state, opts)))
+  return state._replace(converged=bool(converged))
+
+
+def continue_after_breakdown(op, basis, count, key):
+  """A unit vector orthogonal to ``basis[:count]``, from a fresh random one.
+
+  When ``beta`` is below rounding noise, the direction of ``w`` means
+  nothing: span(Q) is invariant and its Ritz pairs exact. Lanczos goes on,
+  uncoupled (``T[j, j+1] = 0``), from a random vector orthogonal to it, so
+  eigenvalues outside it (more copies of a repeated one) can still be found.
+
+  Returns:
+    ``(w, key)``: the unit vector and the key for the next breakdown.
+  """
+  key, sub = jax.random.split(key)
+  w, _, norm = basis_lib.orthogonalize(basis, op.random_vector(sub), count)
+  norm = float(sharding_lib.host_value(norm))
+  return basis_lib.scale(w, 1.0 / norm), key
+
+
+def thick_restart(basis, t, j, beta, w, coupling, opts: _Options):
+  """Keeps the ``l`` most wanted Ritz vectors of a full basis.
+
+  With ``T = S diag(theta) S^T``, the new basis is ``[Q S_keep, w]`` and
+  ``T`` becomes ``diag(theta_keep)`` bordered by the couplings
+  ``coupling * S_{last, keep}`` to ``w`` (Wu and Simon, 2000), so
+  ``H Q = Q T + r e^T`` still holds and memory stays at ``m + 1`` vectors.
+
+  Args:
+    basis: the full basis (donated).
+    t: ``T``, ``(m, m)``.
+    j: the last slot, ``m - 1``.
+    beta: ``||w||`` before normalization (for the Ritz residuals).
+    w: the unit next vector.
+    coupling: ``T[j, j+1]``: ``beta``, or 0 after a breakdown.
+    opts: the run's options.
+
+  Returns:
+    ``(basis, t, l)``: the restarted basis with ``w`` in slot ``l``.
+  """
+  theta, s, _ = ritz(t, j, beta)
+  m = opts.size
+  keep = order(theta, opts.which)[:max(opts.k, min(m - 1, opts.k + (m - opts.k) // 2))]
+  y = np.zeros((m + 1, m + 1))
+  y[:m, :len(keep)] = s[:, keep]
+  dtype = jax.tree.leaves(basis)[0].dtype
+  basis = basis_lib.rotate(basis, jnp.asarray(y, dtype))
+  l = len(keep)
+  basis = basis_lib.put(basis, l, w)
+  t = np.zeros_like(t)
+  t[np.arange(l), np.arange(l)] = theta[keep]
+  t[:l, l] = t[l, :l] = coupling * s[-1, keep]
+  return basis, t, l
+
+
+def advance(op, state: LanczosState, opts: _Options) -> LanczosState:
+  """Puts the next basis vector in place: ``q_{j+1} = w / beta``.
+
+  After a near-breakdown a new block starts; after a breakdown the next
+  vector comes from :func:`continue_after_breakdown`; a full basis is
+  restarted by :func:`thick_restart`.
+  """
+  j, t = state.j, state.t.copy()
+  theta, _, _ = ritz(t, j, state.beta)
+  tnorm = max(np.abs(theta).max(), 1e-300)
+  block, key = state.block, state.key
+  if _near_breakdown(state.beta, theta, opts.tiny / 100):
+    block = j + 1
+  if state.beta <= opts.tiny * tnorm:
+    w, key = continue_after_breakdown(op, state.basis, j + 1, key)
+    coupling = 0.0
+  else:
+    w, coupling = basis_lib.scale(state.w, 1.0 / state.beta), state.beta
+  if j + 1 < opts.size:
+    t[j, j + 1] = t[j + 1, j] = coupling
+    return state._replace(basis=basis_lib.put(state.basis, j + 1, w), t=t,
+                          j=j + 1, block=block, key=key)
+  basis, t, l = thick_restart(state.basis, t, j, state.beta, w, coupling,
+                              opts)
+  return state._replace(basis=basis, t=t, j=l, kept=l, block=0, key=key)
+
+
+def step(op, state: LanczosState, opts: _Options) -> LanczosState:
+  """Places the pending vector (after the first step), then one product."""
+  if state.num_steps:
+    state = advance(op, state, opts)
+  return expand(op, state, opts)
 
 
 @jax.jit
@@ -114,106 +288,15 @@ def _residual(hv, v, lam):
   return tree_math.tree_norm(tree_math.tree_axpy(-lam, v, hv))
 
 
-def nan_to_none(rows):
-  """Rows of floats for JSON, which has no NaN: NaN becomes None."""
-  return [[None if np.isnan(x) else float(x) for x in r] for r in rows]
-
-
-def _lanczos(op, k, *, which, ncv, tol, max_hvps, key, v0, show_pbar,
-             checkpointer=None):
-  n = tree_math.tree_size(op.template)
-  m = min(ncv, n)
-  basis = basis_lib.zeros(op.template, m + 1, op.shardings)
-  v = op.random_vector(key) if v0 is None else v0
-  basis = basis_lib.put(basis, 0, v)
-  dtype = jnp.result_type(*jax.tree.leaves(op.template))
-  tiny = 100 * float(jnp.finfo(dtype).eps)
-  state = _State(m)
-  history = []
-  restart_key = key
-  earlier = 0  # products before a restore from a checkpoint
-  if checkpointer is not None and (
-      saved := checkpointer.restore({"basis": basis})):
-    basis, meta = saved[0]["basis"], saved[1]
-    state.t = np.array(meta["t"], np.float64)
-    state.j, state.kept, state.block = meta["j"], meta["kept"], meta["block"]
-    state.beta = meta["beta"]
-    history = [np.array(r, np.float64) for r in meta["history"]]
-    restart_key = jax.random.wrap_key_data(np.array(meta["key"], np.uint32))
-    earlier = meta["hvps"]
-  first = op.num_matvecs - earlier  # the operator may have run before
-  bar = tqdm.tqdm(total=max_hvps, initial=earlier,
-                  desc=f"lanczos {which} k={k}", disable=not show_pbar)
-  while True:
-    if checkpointer is not None and op.num_matvecs - first > earlier:
-      checkpointer.save(op.num_matvecs - first, {"basis": basis}, {
-          "t": state.t.tolist(), "j": state.j, "kept": state.kept,
-          "block": state.block, "beta": state.beta,
-          "history": nan_to_none(history),
-          "key": np.asarray(jax.random.key_data(restart_key)).tolist(),
-          "hvps": op.num_matvecs - first})
-    j = state.j
-    w = op.matvec(basis_lib.get(basis, j), where=f"at Lanczos step {len(history)}")
-    w, c, beta = basis_lib.orthogonalize(basis, w, j + 1)
-    c = sharding_lib.host_value(c).astype(np.float64)
-    beta = float(sharding_lib.host_value(beta))
-    state.t[j, j] = c[j]
-    if j == state.kept and j > 0:  # first step after a restart: the arrow
-      state.t[:j, j] = state.t[j, :j] = c[:j]
-    state.beta = beta
-    theta, s, res = state.ritz()
-    wanted = order(theta, which)[:k]
-    row = np.full(k, np.nan)
-    row[:len(wanted)] = theta[wanted]
-    history.append(row)
-    bar.update(1)
-    bar.set_postfix(ritz=f"{theta[wanted[0]]:.6g}")
-    scale = np.maximum(np.abs(theta[wanted]), tiny * np.abs(theta).max())
-    # When beta falls to the HVP's rounding noise, span(Q) is (nearly)
-    # invariant: its Ritz pairs are exact, but eigenvalues outside it (more
-    # copies of a repeated one) are unseen, so that is never the end while
-    # dimensions remain. The next vector starts a new block, explored until
-    # its own extreme Ritz values converge. Below ``tiny`` the direction of w
-    # is meaningless: the coupling is dropped and a random vector is taken.
-    tnorm = max(np.abs(theta).max(), 1e-300)
-    near_breakdown = beta <= np.sqrt(float(jnp.finfo(dtype).eps)) * tnorm
-    done = (len(wanted) == k and np.all(res[wanted] <= tol * scale)
-            and not near_breakdown
-            and (state.block == 0 or _block_done(state, which, tol, tiny)))
-    if done or op.num_matvecs - first >= max_hvps or j + 1 == n:
-      break
-    if near_breakdown:
-      state.block = j + 1
-    if beta <= tiny * tnorm:
-      # Continue from a random vector orthogonal to span(Q), uncoupled.
-      restart_key, sub = jax.random.split(restart_key)
-      w, _, norm = basis_lib.orthogonalize(basis, op.random_vector(sub), j + 1)
-      norm = float(sharding_lib.host_value(norm))
-      coupling = 0.0
-    else:
-      norm, coupling = beta, beta
-    w = basis_lib.scale(w, 1.0 / norm)
-    if j + 1 < m:
-      basis = basis_lib.put(basis, j + 1, w)
-      state.t[j, j + 1] = state.t[j + 1, j] = coupling
-      state.j = j + 1
-      continue
-    # Thick restart: keep the l most wanted Ritz vectors of T.
-    keep = order(theta, which)[:max(k, min(m - 1, k + (m - k) // 2))]
-    y = np.zeros((m + 1, m + 1))
-    y[:m, :len(keep)] = s[:, keep]
-    basis = basis_lib.rotate(basis, jnp.asarray(y, dtype))
-    l = len(keep)
-    basis = basis_lib.put(basis, l, w)
-    state.t[:] = 0
-    state.t[np.arange(l), np.arange(l)] = theta[keep]
-    state.t[:l, l] = state.t[l, :l] = coupling * s[-1, keep]
-    state.j = state.kept = l
-    state.block = 0
-  bar.close()
-  y = np.zeros((m + 1, k))
-  y[:j + 1, :len(wanted)] = s[:, wanted]
-  vectors = basis_lib.combine(basis, jnp.asarray(y, dtype))
+def result(op, state: LanczosState, run: driver.Run,
+           opts: _Options) -> LanczosResult:
+  """Ritz pairs of the last ``T``, each checked with one more product."""
+  theta, s, res = ritz(state.t, state.j, state.beta)
+  wanted = order(theta, opts.which)[:opts.k]
+  y = np.zeros((opts.size + 1, opts.k))
+  y[:state.j + 1, :len(wanted)] = s[:, wanted]
+  dtype = jax.tree.leaves(state.basis)[0].dtype
+  vectors = basis_lib.combine(state.basis, jnp.asarray(y, dtype))
   lam = theta[wanted]
   residuals = np.array([
       float(sharding_lib.host_value(_residual(
@@ -222,65 +305,43 @@ def _lanczos(op, k, *, which, ncv, tol, max_hvps, key, v0, show_pbar,
       for i in range(len(lam))])
   return LanczosResult(
       eigenvalues=lam, eigenvectors=vectors, residuals=residuals,
-      residual_estimates=res[wanted],
-      num_hvps=op.num_matvecs - first, converged=bool(done),
-      ritz_history=np.array(history),
+      residual_estimates=res[wanted], num_hvps=run.num_hvps + len(lam),
+      converged=state.converged, ritz_history=state.ritz[:state.num_steps],
       gap_ratio=float(lam[0] / lam[1]) if len(lam) > 1 and lam[1] else np.inf,
       loss=op.loss_value)
 
 
-def lanczos(loss: Callable, params, batch_iterable, k: int, *,
-            which: str = "LA", batch_parser: Callable | None = None,
+@api.takes_operator
+def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
             key=None, ncv: int | None = None, tol: float = 1e-6,
-            max_hvps: int = 1000, v0=None, mesh=None, shardings=None,
-            data_axis: str = "data", subset=None, show_pbar: bool = True,
-            checkpointer=None, loss_rng=None) -> LanczosResult:
+            max_hvps: int = 1000, v0=None, show_pbar: bool = True,
+            checkpointer=None) -> LanczosResult:
   """``k`` eigenpairs of the Hessian of the dataset loss, by Lanczos.
 
+  Also callable as ``lanczos(loss, params, batch_iterable, k, ...)`` with
+  the keyword options of :class:`HessianOperator` (``batch_parser``,
+  ``mesh``, ``shardings``, ``subset``, ``loss_rng``, ...).
+
   Args:
-    loss: ``loss(params, x, y) -> scalar``, the mean loss of a batch.
-    params: the parameters at which the Hessian is taken.
-    batch_iterable: a re-iterable of batches or a zero-argument callable, as
-      for ``PowerMethodIterate``.
+    op: the operator.
     k: how many eigenpairs.
     which: ``'LA'`` largest algebraic, ``'SA'`` smallest algebraic (most
       negative curvature), ``'LM'`` largest magnitude (scipy's names).
-    batch_parser: ``batch -> (x, y)`` or ``(x, y, mask)``.
     key: PRNG key for the starting vector (default ``jax.random.key(0)``).
     ncv: the most basis vectors kept (memory: ``ncv + 1`` parameter-sized
       vectors); default ``max(2k + 1, 20)``.
     tol: stop when every pair has ``||H v - lambda v|| <= tol * |lambda|``.
-    max_hvps: stop after this many Hessian-vector products.
+    max_hvps: stop after this many Hessian-vector products (the ``k``
+      explicit residual checks come on top).
     v0: a starting vector shaped like the parameters.
-    mesh, shardings, data_axis: as for ``PowerMethodIterate``.
-    subset: restrict to some parameters (a regular expression on parameter
-      paths, or a predicate); vectors then hold only those leaves.
     show_pbar: a tqdm bar over the products.
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``: the basis and
       the recurrence's state are saved after steps and restored, if saved
       before, at the start.
-    loss_rng: a PRNG key for losses that take one (dropout): the loss is
-      then ``loss(params, x, y, rng)``, ``rng`` fixed per batch and device
-      (see ``HessianOperator``), so every pass applies the same ``H``.
 
   Returns:
     A :class:`LanczosResult`.
   """
-  op = operator_lib.HessianOperator(
-      loss, params, batch_iterable, batch_parser=batch_parser, mesh=mesh,
-      shardings=shardings, data_axis=data_axis, subset=subset,
-      show_pbar=show_pbar, loss_rng=loss_rng)
-  return lanczos_operator(op, k, which=which, key=key, ncv=ncv, tol=tol,
-                          max_hvps=max_hvps, v0=v0, show_pbar=show_pbar,
-                          checkpointer=checkpointer)
-
-
-def lanczos_operator(op: operator_lib.HessianOperator, k: int, *,
-                     which: str = "LA", key=None, ncv: int | None = None,
-                     tol: float = 1e-6, max_hvps: int = 1000, v0=None,
-                     show_pbar: bool = False,
-                     checkpointer=None) -> LanczosResult:
-  """:func:`lanczos` on an existing :class:`HessianOperator`."""
   n = tree_math.tree_size(op.template)
   if which not in WHICH:
     raise ValueError(f"which must be one of {WHICH}, got {which!r}.")
@@ -294,16 +355,21 @@ def lanczos_operator(op: operator_lib.HessianOperator, k: int, *,
     raise ValueError(f"tol must be positive, got {tol!r}.")
   if not max_hvps >= 1:
     raise ValueError(f"max_hvps must be at least 1, got {max_hvps!r}.")
-  if v0 is not None:
-    v0 = op.check_vector(v0)
-    norm = float(sharding_lib.host_value(tree_math.tree_norm(v0)))
-    if not norm > 0:
-      raise ValueError(f"v0 must be a non-zero, finite vector; its norm is {norm}.")
-    v0 = basis_lib.scale(v0, 1.0 / norm)
   key = jax.random.key(0) if key is None else key
-  return _lanczos(op, k, which=which, ncv=ncv, tol=tol, max_hvps=max_hvps,
-                  key=key, v0=v0, show_pbar=show_pbar,
-                  checkpointer=checkpointer)
+  dtype = jnp.result_type(*jax.tree.leaves(op.template))
+  opts = _Options(k=k, which=which, tol=tol, size=min(ncv, n), dimension=n,
+                  tiny=100 * float(jnp.finfo(dtype).eps))
+  state = init(op, power.unit_start(op, v0, key, "v0"), size=opts.size,
+               max_hvps=max_hvps, k=k, key=key)
+  method = driver.Method(
+      name=f"lanczos {which} k={k}",
+      step=lambda op, s: step(op, s, opts),
+      done=lambda s: s.converged or s.exhausted,
+      planned_hvps=max_hvps,
+      postfix=lambda s: {"ritz": f"{s.ritz[s.num_steps - 1, 0]:.6g}"})
+  run = driver.run(op, method, state, max_hvps=max_hvps,
+                   checkpointer=checkpointer, show_pbar=show_pbar)
+  return result(op, run.state, run, opts)
 
 
 class Decomposition(NamedTuple):

@@ -1,17 +1,192 @@
-"""The power method for the dominant eigenpair of a dataset Hessian."""
+"""The power method for the dominant eigenpair of a dataset Hessian.
+
+``v_{k+1} = H v_k / ||H v_k||``: the iterate turns towards the eigenvector of
+the eigenvalue of largest magnitude, with error shrinking like
+``(lambda_2 / lambda_1)^k``; the Rayleigh quotient ``<v_k, H v_k>`` estimates
+that eigenvalue, signed.
+"""
 
 from collections.abc import Callable
 import numbers
-import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm.auto as tqdm
 
+from deeplanczos._src import api
+from deeplanczos._src import driver
 from deeplanczos._src import operator as operator_lib
 from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
+
+
+class PowerResult(NamedTuple):
+  """The output of :func:`power_iteration`.
+
+  Attributes:
+    eigenvalue: the last Rayleigh quotient ``<v, H v>``: the signed estimate
+      of the eigenvalue of largest magnitude.
+    eigenvector: the unit estimate of its eigenvector, a pytree shaped and
+      sharded like the parameters.
+    eigenvalues: ``(iterations,)`` the Rayleigh quotient at each iteration.
+    alpha: ``(iterations,)`` ``||H v_k||^2``.
+    q: ``(iterations,)`` ``|<v_k, v_{k+1}>|``, tending to 1.
+    seconds: ``(iterations,)`` wall time of each iteration (the first
+      includes compilation).
+    converged: whether ``tol`` stopped the run.
+    loss: the dataset loss at the parameters.
+    num_hvps: Hessian-vector products, one per iteration.
+  """
+  eigenvalue: float
+  eigenvector: Any
+  eigenvalues: np.ndarray
+  alpha: np.ndarray
+  q: np.ndarray
+  seconds: np.ndarray
+  converged: bool
+  loss: float
+  num_hvps: int
+
+
+class PowerState(NamedTuple):
+  """The power method's state after ``count`` iterations.
+
+  ``v`` is the current unit vector (device arrays); the histories are
+  preallocated to the iteration budget and NaN beyond ``count``.
+  """
+  v: Any
+  eigenvalues: np.ndarray
+  alpha: np.ndarray
+  q: np.ndarray
+  count: int
+  loss: float
+  converged: bool
+
+
+@jax.jit
+def _update(v, hv):
+  """``lambda = <v, Hv>``, ``alpha = ||Hv||^2``, ``v' = Hv / ||Hv||``, ``q = |<v, v'>|``."""
+  eigenvalue = tree_math.tree_vdot(v, hv)
+  alpha = tree_math.tree_vdot(hv, hv)
+  norm = jnp.sqrt(alpha)
+  new_v = tree_math.tree_scale(hv, 1.0 / jnp.where(norm > 0, norm, 1.0))
+  q = jnp.abs(tree_math.tree_vdot(v, new_v))
+  return new_v, jnp.stack([eigenvalue, alpha, q])
+
+
+@jax.jit
+def _normalize(v):
+  norm = tree_math.tree_norm(v)
+  return tree_math.tree_scale(v, 1.0 / norm), norm
+
+
+def unit_start(op, v0, key, name="V0"):
+  """``v0`` checked, placed and normalized, or a random unit vector."""
+  if v0 is None:
+    return op.random_vector(jax.random.key(0) if key is None else key)
+  v, norm = _normalize(op.check_vector(v0, name))
+  norm = float(sharding_lib.host_value(norm))
+  if not norm > 0:
+    raise ValueError(f"{name} must be a non-zero, finite vector; its norm is "
+                     f"{norm}.")
+  return v
+
+
+def init(op, v0, num_iterations: int) -> PowerState:
+  """The state before the first iteration, from the unit vector ``v0``."""
+  del op
+  nan = np.full(num_iterations, np.nan)
+  return PowerState(v0, nan, nan.copy(), nan.copy(), 0, float("nan"), False)
+
+
+def step(op, state: PowerState, *, tol: float | None) -> PowerState:
+  """One iteration: ``H v`` over the data, then ``v <- H v / ||H v||``.
+
+  Records ``lambda_k = <v_k, H v_k>``, ``alpha_k = ||H v_k||^2`` and
+  ``q_k = |<v_k, v_{k+1}>|``, and is converged once
+  ``|lambda_k - lambda_{k-1}| <= tol |lambda_k|``.
+  """
+  k = state.count
+  hv = op.matvec(state.v, where=f"at iteration {k}")
+  new_v, stats = _update(state.v, hv)
+  eigenvalue, alpha, q = sharding_lib.host_value(stats).astype(float)
+  if alpha == 0:
+    raise ValueError(
+        f"H v = 0 at iteration {k}: the vector lies in the Hessian's null "
+        "space. Start from another V0 or key.")
+  eigenvalues, alphas, qs = (a.copy() for a in (state.eigenvalues,
+                                                 state.alpha, state.q))
+  eigenvalues[k], alphas[k], qs[k] = eigenvalue, alpha, q
+  converged = bool(tol is not None and k > 0 and abs(
+      eigenvalue - eigenvalues[k - 1]) <= tol * abs(eigenvalue))
+  return PowerState(new_v, eigenvalues, alphas, qs, k + 1,
+                    float(op.loss_value), converged)
+
+
+def result(state: PowerState, run: driver.Run) -> PowerResult:
+  """The :class:`PowerResult` of the last state."""
+  n = state.count
+  return PowerResult(
+      eigenvalue=float(state.eigenvalues[n - 1]), eigenvector=state.v,
+      eigenvalues=state.eigenvalues[:n], alpha=state.alpha[:n],
+      q=state.q[:n], seconds=run.seconds, converged=state.converged,
+      loss=state.loss, num_hvps=run.num_hvps)
+
+
+def _check_count(name, value):
+  if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+      or value < 1):
+    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+@api.takes_operator
+def power_iteration(op: operator_lib.HessianOperator, *,
+                    num_iterations: int = 100, v0=None, key=None,
+                    tol: float | None = None, show_pbar: bool = True,
+                    checkpointer=None) -> PowerResult:
+  """The dominant eigenpair of the dataset Hessian by power iteration.
+
+  Also callable as ``power_iteration(loss, params, batch_iterable, ...)``
+  with the keyword options of :class:`HessianOperator`.
+
+  Args:
+    op: the operator.
+    num_iterations: the most iterations (products) to run.
+    v0: the starting vector, shaped like the parameters (normalized here);
+      by default a random unit vector from ``key``.
+    key: PRNG key for the default ``v0`` (default ``jax.random.key(0)``).
+    tol: stop once ``|lambda_k - lambda_{k-1}| <= tol * |lambda_k|``.
+    show_pbar: a tqdm bar over iterations, with the current eigenvalue.
+    checkpointer: a ``deeplanczos.checkpoint.Checkpointer``: the state is
+      saved after iterations and restored, if saved before, at the start.
+
+  Returns:
+    A :class:`PowerResult`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> loss = lambda p, x, y: jnp.mean(y * (x @ p) ** 2) / 2
+    >>> data = [(jnp.eye(3), jnp.array([6.0, 3.0, 1.5]))]
+    >>> r = power_iteration(loss, jnp.ones(3), data, num_iterations=60,
+    ...                     show_pbar=False)
+    >>> round(r.eigenvalue, 4)
+    2.0
+  """
+  _check_count("num_iterations", num_iterations)
+  if tol is not None and not tol >= 0:
+    raise ValueError(f"tol must be a non-negative number, got {tol!r}.")
+  method = driver.Method(
+      name="power method",
+      step=lambda op, s: step(op, s, tol=tol),
+      done=lambda s: s.converged or s.count >= num_iterations,
+      planned_hvps=num_iterations,
+      postfix=lambda s: {"eigenvalue": f"{s.eigenvalues[s.count - 1]:.6g}",
+                         "q": f"{s.q[s.count - 1]:.6f}"})
+  state = init(op, unit_start(op, v0, key), num_iterations)
+  run = driver.run(op, method, state, checkpointer=checkpointer,
+                   show_pbar=show_pbar)
+  return result(run.state, run)
 
 
 def InitPowerMethodVector(rng, P, *, shardings=None, mesh=None):  # pylint: disable=invalid-name
@@ -42,35 +217,17 @@ def InitPowerMethodVector(rng, P, *, shardings=None, mesh=None):  # pylint: disa
   return operator_lib.random_vector_fn(params, shardings)(rng)
 
 
-@jax.jit
-def _power_update(v, hv):
-  """``lambda = <v, Hv>``, ``alpha = ||Hv||^2``, ``v' = Hv / ||Hv||``, ``q = |<v, v'>|``."""
-  eigenvalue = tree_math.tree_vdot(v, hv)
-  alpha = tree_math.tree_vdot(hv, hv)
-  norm = jnp.sqrt(alpha)
-  new_v = tree_math.tree_scale(hv, 1.0 / jnp.where(norm > 0, norm, 1.0))
-  q = jnp.abs(tree_math.tree_vdot(v, new_v))
-  return new_v, jnp.stack([eigenvalue, alpha, q])
-
-
-@jax.jit
-def _normalize(v):
-  norm = tree_math.tree_norm(v)
-  return tree_math.tree_scale(v, 1.0 / norm), norm
-
-
 def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  # pylint: disable=invalid-name
                        V0=None, batch_parser: Callable | None = None,
                        show_pbar: bool = True, *, tol: float | None = None,
-                       key=None, mesh=None, shardings=None,
-                       data_axis: str = "data", subset=None,
-                       checkpointer=None, loss_rng=None):
+                       key=None, checkpointer=None, **operator_options):
   """Power iteration on the Hessian of the loss averaged over a dataset.
 
-  Each iteration is one full pass over ``batch_iterable``: ``H v`` is the
-  sum over batches of ``n_b H_b v`` divided by the number of examples, where
-  ``H_b`` is the Hessian of ``loss`` on batch ``b`` (so a short last batch
-  counts for its examples only), and ``v <- H v / ||H v||``.
+  The seed API, a thin wrapper of :func:`power_iteration`. Each iteration
+  is one full pass over ``batch_iterable``: ``H v`` is the sum over batches
+  of ``n_b H_b v`` divided by the number of examples, where ``H_b`` is the
+  Hessian of ``loss`` on batch ``b`` (so a short last batch counts for its
+  examples only), and ``v <- H v / ||H v||``.
 
   Args:
     loss: ``loss(params, x, y) -> scalar``, the mean loss of a batch.
@@ -82,22 +239,14 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
       ``InitPowerMethodVector(key, P)``.
     batch_parser: ``batch -> (x, y)`` (or ``(x, y, mask)`` with a 0/1 mask of
       real examples); by default a batch is ``(x, y)`` itself.
-    show_pbar: tqdm bars over iterations (with the current eigenvalue) and
-      over batches; ``False`` prints nothing.
+    show_pbar: tqdm bars over iterations (with the current eigenvalue) and,
+      when the data streams, over batches; ``False`` prints nothing.
     tol: stop once ``|lambda_k - lambda_{k-1}| <= tol * |lambda_k|``.
     key: PRNG key for the default ``V0`` (default ``jax.random.key(0)``).
-    mesh: the device mesh; by default the mesh of ``P``'s ``NamedSharding``
-      or a single device.
-    shardings: the parameters' shardings, a pytree of ``NamedSharding``.
-    data_axis: the mesh axis that batches are split over.
-    subset: restrict the Hessian to some parameters: a regular expression
-      on parameter paths (``'Dense_1'``) or a predicate; vectors then hold
-      only those leaves.
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``: the state is
       saved after iterations and restored, if saved before, at the start.
-    loss_rng: a PRNG key for losses that take one (dropout): the loss is
-      then ``loss(params, x, y, rng)``, ``rng`` fixed per batch and device
-      (see ``HessianOperator``), so every pass applies the same ``H``.
+    **operator_options: ``mesh``, ``shardings``, ``data_axis``, ``subset``,
+      ``loss_rng``, ``data_on_device``...: see :class:`HessianOperator`.
 
   Returns:
     ``(V, History)``: ``V`` the unit eigenvector estimate (shaped like ``P``,
@@ -115,61 +264,55 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
     - ``'seconds'``: wall time of each iteration (the first includes
       compilation).
   """
-  if (not isinstance(num_iteration, numbers.Integral)
-      or isinstance(num_iteration, bool) or num_iteration < 1):
-    raise ValueError("num_iteration must be a positive integer, got "
-                     f"{num_iteration!r}.")
-  if tol is not None and not tol >= 0:
-    raise ValueError(f"tol must be a non-negative number, got {tol!r}.")
-  op = operator_lib.HessianOperator(
-      loss, P, batch_iterable, batch_parser=batch_parser, mesh=mesh,
-      shardings=shardings, data_axis=data_axis, subset=subset,
-      show_pbar=show_pbar, loss_rng=loss_rng)
-  if V0 is None:
-    v = op.random_vector(jax.random.key(0) if key is None else key)
-  else:
-    v, norm = _normalize(op.check_vector(V0))
-    if not float(sharding_lib.host_value(norm)) > 0:
-      raise ValueError("V0 must be a non-zero, finite vector; its norm is "
-                       f"{float(sharding_lib.host_value(norm))}.")
-  records, finished, loss_value = [], False, None
-  if checkpointer is not None and (saved := checkpointer.restore({"v": v})):
-    v = saved[0]["v"]
-    records = [tuple(r) for r in saved[1]["records"]]
-    finished, loss_value = saved[1]["finished"], saved[1]["loss"]
-  bar = tqdm.tqdm(range(len(records), 0 if finished else num_iteration),
-                  desc="power method", initial=len(records),
-                  total=num_iteration, disable=not show_pbar)
-  for k in bar:
-    tick = time.perf_counter()
-    hv = op.matvec(v, where=f"at iteration {k}")
-    loss_value = op.loss_value
-    new_v, stats = _power_update(v, hv)
-    eigenvalue, alpha, q = sharding_lib.host_value(stats).astype(float)
-    if alpha == 0:
-      raise ValueError(
-          f"H v = 0 at iteration {k}: the vector lies in the Hessian's null "
-          "space. Start from another V0 or key.")
-    records.append((k, eigenvalue, alpha, q, time.perf_counter() - tick))
-    bar.set_postfix(eigenvalue=f"{eigenvalue:.6g}", q=f"{q:.6f}")
-    v = new_v
-    finished = (tol is not None and k > 0 and abs(eigenvalue - records[-2][1])
-                <= tol * abs(eigenvalue))
-    if checkpointer is not None:
-      checkpointer.save(k + 1, {"v": v}, {"records": records,
-                                          "finished": finished,
-                                          "loss": loss_value})
-    if finished:
-      break
-  bar.close()
-  iteration, eigenvalue, alpha, q, seconds = (
-      np.array(c) for c in zip(*records))
+  _check_count("num_iteration", num_iteration)
+  op = api.build_operator(loss, P, batch_iterable, batch_parser=batch_parser,
+                          show_pbar=show_pbar, **operator_options)
+  r = power_iteration(op, num_iterations=num_iteration, v0=V0, key=key,
+                      tol=tol, show_pbar=show_pbar, checkpointer=checkpointer)
+  n = len(r.eigenvalues)
   history = {
-      "alpha": alpha,
-      "eigenvalue": eigenvalue,
-      "q": q,
-      "iteration": iteration.astype(int),
-      "loss": np.full(len(records), loss_value),
-      "seconds": seconds,
+      "alpha": r.alpha,
+      "eigenvalue": r.eigenvalues,
+      "q": r.q,
+      "iteration": np.arange(n),
+      "loss": np.full(n, r.loss),
+      "seconds": r.seconds,
   }
-  return v, history
+  return r.eigenvector, history
+
+
+@api.takes_operator
+def top_eigenvalue(op: operator_lib.HessianOperator, *, params=None,
+                   v0=None, num_iterations: int = 20, key=None,
+                   tol: float | None = None):
+  """The top eigenvalue and its vector, warm-started: sharpness tracking.
+
+  Made to be called every few optimizer steps: pass the operator you keep,
+  the new parameters and the previous eigenvector, and nothing is compiled
+  again (see :meth:`HessianOperator.with_params`).
+
+  Args:
+    op: the operator (or ``loss, params, batch_iterable`` and options).
+    params: parameters to evaluate the Hessian at instead of the operator's.
+    v0: the starting vector, typically the previous call's eigenvector.
+    num_iterations: power iterations (one product each).
+    key: PRNG key for a random start when ``v0`` is None.
+    tol: stop early at this relative change of the eigenvalue.
+
+  Returns:
+    ``(eigenvalue, eigenvector)``: the Rayleigh quotient, a float, and the
+    unit vector, shaped and sharded like the parameters.
+
+  Example:
+    >>> op = deeplanczos.HessianOperator(loss, params, data)  # doctest: +SKIP
+    >>> lam, v = None, None                                   # doctest: +SKIP
+    >>> for step in range(num_steps):                         # doctest: +SKIP
+    ...   params, opt_state = train_step(params, opt_state)
+    ...   if step % 10 == 0:
+    ...     lam, v = deeplanczos.top_eigenvalue(op, params=params, v0=v)
+  """
+  if params is not None:
+    op = op.with_params(params)
+  r = power_iteration(op, num_iterations=num_iterations, v0=v0, key=key,
+                      tol=tol, show_pbar=False)
+  return r.eigenvalue, r.eigenvector

@@ -88,25 +88,63 @@ def _is_boxed(x):
   return isinstance(x, meta.AxisMetadata)
 
 
+def unbox(params):
+  """``params`` with flax partitioning metadata removed (a no-op without)."""
+  return meta.unbox(params)
+
+
+def has_metadata(params) -> bool:
+  """Whether ``params`` holds flax-boxed leaves (``nn.with_partitioning``)."""
+  return any(_is_boxed(l) for l in jax.tree.leaves(params, is_leaf=_is_boxed))
+
+
+def from_metadata(boxed, mesh: Mesh, *,
+                  shardings_rule: Callable = infer_sharding):
+  """Shardings from flax partitioning metadata, on ``mesh``.
+
+  Each boxed leaf's axis names become its ``PartitionSpec``. When the mesh
+  lacks an axis the metadata names, or no leaf names any axis, the layout
+  comes from ``shardings_rule`` instead.
+
+  Args:
+    boxed: parameters as flax's ``init`` returns them, boxed or not.
+    mesh: the mesh.
+    shardings_rule: the fallback rule, ``rule(params, mesh)``.
+
+  Returns:
+    A pytree of ``NamedSharding`` shaped like the unboxed parameters.
+  """
+  params = meta.unbox(boxed)
+  if has_metadata(boxed):
+    specs = jax.tree.leaves(nn.get_partition_spec(boxed),
+                            is_leaf=lambda s: isinstance(s, P))
+    named = {a for s in specs for part in s if part is not None
+             for a in (part if isinstance(part, tuple) else (part,))}
+    if named and named <= set(mesh.axis_names):
+      return jax.tree.structure(params).unflatten(
+          [NamedSharding(mesh, s) for s in specs])
+  return shardings_rule(params, mesh)
+
+
 def resolve_shardings(params, *, mesh: Mesh | None = None, shardings=None,
                       shardings_rule: Callable = infer_sharding):
   """Finds the mesh and the parameters' shardings, and places the parameters.
 
   In order of precedence the shardings are: ``shardings`` if given; the
-  partitioning metadata of flax-boxed parameters (``nn.with_partitioning``);
-  the ``NamedSharding`` the parameter arrays already carry; ``shardings_rule``
-  applied on ``mesh``; and otherwise a one-device mesh with everything on
-  ``jax.local_devices()[0]``.
+  partitioning metadata of flax-boxed parameters (``nn.with_partitioning``)
+  on ``mesh``; the ``NamedSharding`` the parameter arrays already carry; and
+  ``shardings_rule`` applied on ``mesh``, by default a one-device mesh.
 
   Returns:
     ``(mesh, params, shardings)``: params unboxed and placed on ``shardings``.
+
+  Raises:
+    ValueError: ``shardings`` that do not match the parameters' structure,
+      lie on several meshes, or on a mesh other than ``mesh``.
   """
-  if any(_is_boxed(l) for l in jax.tree.leaves(params, is_leaf=_is_boxed)):
+  if has_metadata(params):
     if shardings is None and mesh is not None:
-      specs = nn.get_partition_spec(params)
-      shardings = jax.tree.map(
-          lambda s: NamedSharding(mesh, s), specs,
-          is_leaf=lambda s: isinstance(s, P))
+      shardings = from_metadata(params, mesh, shardings_rule=shardings_rule)
     params = meta.unbox(params)
   leaves = jax.tree.leaves(params)
   if shardings is None:
@@ -133,8 +171,14 @@ def resolve_shardings(params, *, mesh: Mesh | None = None, shardings=None,
   if len(meshes) != 1:
     raise ValueError("All parameter shardings must be on one mesh, got "
                      f"{len(meshes)} meshes.")
-  mesh = meshes.pop()
-  return mesh, put(params, shardings), shardings
+  found = meshes.pop()
+  if mesh is not None and found != mesh:
+    raise ValueError(
+        f"The shardings are on a mesh of shape {dict(found.shape)} over "
+        f"devices {found.device_ids.ravel().tolist()}, but mesh= is "
+        f"{dict(mesh.shape)} over {mesh.device_ids.ravel().tolist()}; pass "
+        "one of them, or shardings made on that mesh.")
+  return found, put(params, shardings), shardings
 
 
 def put(tree, shardings):
@@ -176,6 +220,7 @@ def local_data_size(mesh: Mesh, data_axis: str) -> int:
   return len(coords)
 
 
-def shard_shapes(tree):
-  """The shape of the shard of every leaf on this process's first device."""
-  return jax.tree.map(lambda x: x.addressable_shards[0].data.shape, tree)
+def basis_shardings(shardings):
+  """A stacked basis' shardings: each vector sharding with a leading axis."""
+  return jax.tree.map(lambda s: NamedSharding(s.mesh, P(None, *s.spec)),
+                      shardings)

@@ -7,15 +7,14 @@ al., 2021) spends a third of its budget on a sketch ``Q = orth(H S)``, takes
 has a few large eigenvalues, as network Hessians do.
 """
 
-from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import tqdm.auto as tqdm
 
+from deeplanczos._src import api
 from deeplanczos._src import basis as basis_lib
-from deeplanczos._src import operator as operator_lib
+from deeplanczos._src import driver
 from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
 
@@ -38,12 +37,12 @@ class TraceResult(NamedTuple):
   method: str
 
 
-def _quadratic_form(op, z, where):
-  return float(sharding_lib.host_value(
-      _vdot(z, op.matvec(z, where=where))))
-
-
 _vdot = jax.jit(tree_math.tree_vdot)
+
+
+def _quadratic_form(op, z, where):
+  """``z^T H z``, one product."""
+  return float(sharding_lib.host_value(_vdot(z, op.matvec(z, where=where))))
 
 
 def _stderr(samples):
@@ -51,131 +50,137 @@ def _stderr(samples):
       samples) > 1 else float("inf")
 
 
-def hutchinson_operator(op, *, num_probes=30, key=None, show_pbar=False,
-                        checkpointer=None):
-  """:func:`hutchinson` on an existing :class:`HessianOperator`."""
+class HutchinsonState(NamedTuple):
+  """``count`` samples ``z^T H z`` drawn, in ``samples`` (NaN beyond)."""
+  samples: np.ndarray
+  count: int
+
+
+def hutchinson_step(op, state: HutchinsonState, keys) -> HutchinsonState:
+  """One Rademacher probe ``z``: the sample ``z^T H z``, ``E = tr(H)``."""
+  i = state.count
+  z = op.random_vector(keys[i], kind="rademacher", normalize=False)
+  samples = state.samples.copy()
+  samples[i] = _quadratic_form(op, z, f"for probe {i}")
+  return HutchinsonState(samples, i + 1)
+
+
+@api.takes_operator
+def hutchinson(op, *, num_probes: int = 30, key=None, show_pbar: bool = True,
+               checkpointer=None) -> TraceResult:
+  """Hutchinson's estimate of the Hessian's trace from Rademacher probes.
+
+  Also callable as ``hutchinson(loss, params, batch_iterable, ...)`` with
+  the keyword options of :class:`HessianOperator`.
+
+  Args:
+    op: the operator.
+    num_probes: probes, one HVP each.
+    key: PRNG key (default ``jax.random.key(0)``).
+    show_pbar: a tqdm bar over probes.
+    checkpointer: a ``deeplanczos.checkpoint.Checkpointer``.
+  """
   if not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
     raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}.")
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           num_probes)
-  samples = []
-  if checkpointer is not None and (saved := checkpointer.restore({})):
-    samples = saved[1]["samples"]
-  first = op.num_matvecs - len(samples)
-  for i in tqdm.trange(len(samples), num_probes, desc="Hutchinson",
-                       initial=len(samples), total=num_probes,
-                       disable=not show_pbar):
-    z = op.random_vector(keys[i], kind="rademacher", normalize=False)
-    samples.append(_quadratic_form(op, z, f"for probe {i}"))
-    if checkpointer is not None and i + 1 < num_probes:
-      checkpointer.save(i + 1, {}, {"samples": samples})
-  samples = np.array(samples)
+  method = driver.Method(
+      name="Hutchinson", step=lambda op, s: hutchinson_step(op, s, keys),
+      done=lambda s: s.count == num_probes, planned_hvps=num_probes)
+  state = HutchinsonState(np.full(num_probes, np.nan), 0)
+  run = driver.run(op, method, state, checkpointer=checkpointer,
+                   show_pbar=show_pbar)
+  samples = run.state.samples
   return TraceResult(float(samples.mean()), _stderr(samples), samples,
-                     op.num_matvecs - first, "hutchinson")
+                     run.num_hvps, "hutchinson")
 
 
-def hutchpp_operator(op, *, num_hvps=60, key=None, show_pbar=False,
-                     checkpointer=None):
-  """:func:`hutchpp` on an existing :class:`HessianOperator`."""
+class HutchppState(NamedTuple):
+  """Hutch++ part way: the sketch ``Q`` and what is summed so far.
+
+  Attributes:
+    q: the orthonormal sketch basis (device arrays), ``rank`` slots used.
+    sketched: sketch vectors ``H s`` drawn so far.
+    rank: the sketch's rank (``H S`` may have a smaller one).
+    exact: ``sum_i q_i^T H q_i`` over the first ``summed`` basis vectors.
+    summed: basis vectors whose quadratic form is in ``exact``.
+    samples: ``z^T (I - QQ^T) H (I - QQ^T) z`` of the probes drawn (NaN
+      beyond ``count``).
+    count: probes drawn.
+  """
+  q: Any
+  sketched: int
+  rank: int
+  exact: float
+  summed: int
+  samples: np.ndarray
+  count: int
+
+
+def hutchpp_step(op, state: HutchppState, keys, sketch, tiny):
+  """One product: a sketch vector, an exact term, or a deflated probe.
+
+  First ``Q = orth(H S)`` for Rademacher ``S`` (columns of negligible norm
+  after orthogonalization are skipped: ``H S`` has a smaller rank), then
+  ``tr(Q^T H Q)`` term by term, then Hutchinson on the deflated rest.
+  """
+  if state.sketched < sketch:
+    i = state.sketched
+    s = op.random_vector(keys[i], kind="rademacher", normalize=False)
+    y = op.matvec(s, where=f"for sketch vector {i}")
+    y_norm = float(sharding_lib.host_value(tree_math.tree_norm(y)))
+    y, _, norm = basis_lib.orthogonalize(state.q, y, state.rank)
+    norm = float(sharding_lib.host_value(norm))
+    if norm <= tiny * y_norm:
+      return state._replace(sketched=i + 1)
+    return state._replace(
+        q=basis_lib.put(state.q, state.rank, basis_lib.scale(y, 1.0 / norm)),
+        rank=state.rank + 1, sketched=i + 1)
+  if state.summed < state.rank:
+    i = state.summed
+    term = _quadratic_form(op, basis_lib.get(state.q, i),
+                           f"for basis vector {i}")
+    return state._replace(exact=state.exact + term, summed=i + 1)
+  i = state.count
+  z = op.random_vector(keys[sketch + i], kind="rademacher", normalize=False)
+  z, _, _ = basis_lib.orthogonalize(state.q, z, state.rank)
+  samples = state.samples.copy()
+  samples[i] = _quadratic_form(op, z, f"for probe {i}")
+  return state._replace(samples=samples, count=i + 1)
+
+
+@api.takes_operator
+def hutchpp(op, *, num_hvps: int = 60, key=None, show_pbar: bool = True,
+            checkpointer=None) -> TraceResult:
+  """The Hutch++ estimate of the Hessian's trace within ``num_hvps`` HVPs.
+
+  Also callable as ``hutchpp(loss, params, batch_iterable, ...)`` with the
+  keyword options of :class:`HessianOperator`.
+
+  Args:
+    op: the operator.
+    num_hvps: the budget: a third sketches, a third takes the sketch's exact
+      trace, the rest are Hutchinson probes of the deflated operator.
+    key: PRNG key (default ``jax.random.key(0)``).
+    show_pbar: a tqdm bar over the products.
+    checkpointer: a ``deeplanczos.checkpoint.Checkpointer``.
+  """
   if not isinstance(num_hvps, (int, np.integer)) or num_hvps < 3:
     raise ValueError(f"num_hvps must be an integer of at least 3, got {num_hvps!r}.")
   sketch = num_hvps // 3
   probes = num_hvps - 2 * sketch
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           sketch + probes)
-  q = basis_lib.zeros(op.template, sketch, op.shardings)
-  # The state after each product: sketch vectors drawn, the sketch's rank,
-  # basis vectors whose quadratic form is summed into `exact`, and samples.
-  st = {"sketched": 0, "rank": 0, "exact": 0.0, "summed": 0, "samples": [],
-        "hvps": 0}
-  if checkpointer is not None and (saved := checkpointer.restore({"q": q})):
-    q, st = saved[0]["q"], saved[1]
-  first = op.num_matvecs - st["hvps"]
   dtype = jax.numpy.result_type(*jax.tree.leaves(op.template))
   tiny = 100 * float(jax.numpy.finfo(dtype).eps)
-  bar = tqdm.tqdm(total=num_hvps, initial=st["hvps"], desc="Hutch++",
-                  disable=not show_pbar)
-  while len(st["samples"]) < probes:
-    if st["sketched"] < sketch:
-      i = st["sketched"]
-      s = op.random_vector(keys[i], kind="rademacher", normalize=False)
-      y = op.matvec(s, where=f"for sketch vector {i}")
-      y_norm = float(sharding_lib.host_value(tree_math.tree_norm(y)))
-      y, _, norm = basis_lib.orthogonalize(q, y, st["rank"])
-      norm = float(sharding_lib.host_value(norm))
-      if norm > tiny * y_norm:  # otherwise H S has rank < sketch: skip it
-        q = basis_lib.put(q, st["rank"], basis_lib.scale(y, 1.0 / norm))
-        st["rank"] += 1
-      st["sketched"] += 1
-    elif st["summed"] < st["rank"]:
-      i = st["summed"]
-      st["exact"] += _quadratic_form(op, basis_lib.get(q, i),
-                                     f"for basis vector {i}")
-      st["summed"] += 1
-    else:
-      i = len(st["samples"])
-      z = op.random_vector(keys[sketch + i], kind="rademacher",
-                           normalize=False)
-      z, _, _ = basis_lib.orthogonalize(q, z, st["rank"])
-      st["samples"].append(_quadratic_form(op, z, f"for probe {i}"))
-    st["hvps"] = op.num_matvecs - first
-    bar.update(1)
-    if checkpointer is not None and len(st["samples"]) < probes:
-      checkpointer.save(st["hvps"], {"q": q}, st)
-  bar.close()
-  samples = np.array(st["samples"])
-  return TraceResult(st["exact"] + float(samples.mean()), _stderr(samples),
-                     samples, op.num_matvecs - first, "hutch++")
-
-
-def _operator(loss, params, batch_iterable, **kwargs):
-  return operator_lib.HessianOperator(loss, params, batch_iterable, **kwargs)
-
-
-def hutchinson(loss: Callable, params, batch_iterable, *, num_probes=30,
-               key=None, batch_parser=None, mesh=None, shardings=None,
-               data_axis="data", subset=None, show_pbar=True,
-               checkpointer=None, loss_rng=None) -> TraceResult:
-  """Hutchinson's estimate of the Hessian's trace from Rademacher probes.
-
-  Args:
-    loss, params, batch_iterable, batch_parser, mesh, shardings, data_axis,
-      subset: as for :func:`deeplanczos.lanczos`.
-    num_probes: probes, one HVP each.
-    key: PRNG key (default ``jax.random.key(0)``).
-    show_pbar: a tqdm bar over probes.
-    checkpointer: a ``deeplanczos.checkpoint.Checkpointer``.
-    loss_rng: a PRNG key for losses that take one (dropout): the loss is
-      then ``loss(params, x, y, rng)``, ``rng`` fixed per batch and device
-      (see ``HessianOperator``), so every pass applies the same ``H``.
-  """
-  op = _operator(loss, params, batch_iterable, batch_parser=batch_parser,
-                 mesh=mesh, shardings=shardings, data_axis=data_axis,
-                 subset=subset, loss_rng=loss_rng)
-  return hutchinson_operator(op, num_probes=num_probes, key=key,
-                             show_pbar=show_pbar, checkpointer=checkpointer)
-
-
-def hutchpp(loss: Callable, params, batch_iterable, *, num_hvps=60, key=None,
-            batch_parser=None, mesh=None, shardings=None, data_axis="data",
-            subset=None, show_pbar=True, checkpointer=None,
-            loss_rng=None) -> TraceResult:
-  """The Hutch++ estimate of the Hessian's trace within ``num_hvps`` HVPs.
-
-  Args:
-    loss, params, batch_iterable, batch_parser, mesh, shardings, data_axis,
-      subset: as for :func:`deeplanczos.lanczos`.
-    num_hvps: the budget: a third sketches, a third takes the sketch's exact
-      trace, the rest are Hutchinson probes of the deflated operator.
-    key: PRNG key (default ``jax.random.key(0)``).
-    show_pbar: a tqdm bar over the products.
-    checkpointer: a ``deeplanczos.checkpoint.Checkpointer``.
-    loss_rng: a PRNG key for losses that take one (dropout): the loss is
-      then ``loss(params, x, y, rng)``, ``rng`` fixed per batch and device
-      (see ``HessianOperator``), so every pass applies the same ``H``.
-  """
-  op = _operator(loss, params, batch_iterable, batch_parser=batch_parser,
-                 mesh=mesh, shardings=shardings, data_axis=data_axis,
-                 subset=subset, loss_rng=loss_rng)
-  return hutchpp_operator(op, num_hvps=num_hvps, key=key, show_pbar=show_pbar,
-                          checkpointer=checkpointer)
+  state = HutchppState(basis_lib.zeros(op.template, sketch, op.shardings),
+                       0, 0, 0.0, 0, np.full(probes, np.nan), 0)
+  method = driver.Method(
+      name="Hutch++", step=lambda op, s: hutchpp_step(op, s, keys, sketch,
+                                                      tiny),
+      done=lambda s: s.count == probes, planned_hvps=num_hvps)
+  run = driver.run(op, method, state, checkpointer=checkpointer,
+                   show_pbar=show_pbar)
+  samples = run.state.samples
+  return TraceResult(run.state.exact + float(samples.mean()), _stderr(samples),
+                     samples, run.num_hvps, "hutch++")

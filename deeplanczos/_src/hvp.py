@@ -1,0 +1,243 @@
+"""The Hessian-vector product kernel: one device's examples, one psum a pass.
+
+:func:`local_hvp` is the heart of the library: inside ``shard_map`` over the
+data axis, it differentiates the loss of this device's examples only,
+``sum_i w_i H_i v`` by forward-over-reverse (``jax.jvp`` of ``jax.grad``),
+with parameters and ``v`` marked device-varying so that no implicit
+reduction happens. Contributions accumulate per device over a whole pass,
+and one explicit ``psum`` over the data axis (across devices and hosts)
+ends it. The model axis is left to the compiler, so parameters and vectors
+stay sharded as the parameters are.
+
+Compiled programs come from :func:`programs`, cached on the :class:`Kernel`
+(the loss, the parameter structure and shardings, the mesh), so a second
+operator on the same model reuses them; parameters are arguments, never
+constants, so new parameter values do not recompile either.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from deeplanczos._src import tree_math
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """Everything the compiled programs depend on besides array shapes.
+
+  Attributes:
+    loss: ``loss(params, x, y)``, or ``loss(params, x, y, rng)`` with
+      ``uses_rng``.
+    treedef: the full parameters' tree structure.
+    in_subset: for each parameter leaf, whether the operator acts on it.
+    param_shardings: the full parameters' shardings, leaf by leaf.
+    mesh: the device mesh.
+    data_axis: the mesh axis batches are split over.
+    uses_rng: the loss takes a fourth, per-batch and per-device PRNG key.
+  """
+  loss: Callable
+  treedef: Any
+  in_subset: tuple[bool, ...]
+  param_shardings: tuple[NamedSharding, ...]
+  mesh: Mesh
+  data_axis: str
+  uses_rng: bool
+
+  def take(self, params):
+    """The subset's leaves of ``params``, ``None`` elsewhere."""
+    leaves = self.treedef.flatten_up_to(params)
+    return self.treedef.unflatten(
+        [l if keep else None for l, keep in zip(leaves, self.in_subset)])
+
+  def merge(self, params, sub):
+    """``params`` with the subset's leaves taken from ``sub``."""
+    it = iter(jax.tree.leaves(sub))
+    leaves = self.treedef.flatten_up_to(params)
+    return self.treedef.unflatten(
+        [next(it) if keep else l for l, keep in zip(leaves, self.in_subset)])
+
+  @property
+  def vector_shardings(self):
+    return self.take(self.treedef.unflatten(list(self.param_shardings)))
+
+
+def local_hvp(kernel: Kernel, params, v, x, y, w, index, loss_rng, *,
+              padded: bool):
+  """This device's ``(sum_i w_i H_i v, sum_i w_i loss_i, sum_i w_i)``.
+
+  Runs inside ``shard_map`` with the data axis manual. Unpadded batches are
+  differentiated whole: ``n * loss(params, x, y)`` (the loss is a batch
+  mean). Padded or masked batches are differentiated example by example,
+  ``sum_i w_i loss(params, x_i, y_i)``, so padding rows weigh nothing.
+
+  Nothing is reduced over the data axis here: parameters and ``v`` enter
+  replicated and are marked device-varying, so their derivatives are this
+  device's examples' alone.
+  """
+  acc_dtype = w.dtype
+  rng = None
+  if kernel.uses_rng:
+    rng = jax.random.fold_in(jax.random.fold_in(loss_rng, index),
+                             lax.axis_index(kernel.data_axis))
+
+  def call(p, xb, yb, key):
+    return kernel.loss(p, xb, yb) if rng is None else kernel.loss(p, xb, yb,
+                                                                   key)
+
+  def objective(sub):
+    p = kernel.merge(params, sub)
+    if padded:
+      one = lambda a: a[None]
+      n = w.shape[0]
+      keys = (jnp.zeros(n) if rng is None else
+              jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n)))
+      per_example = jax.vmap(
+          lambda xi, yi, ki: call(p, jax.tree.map(one, xi),
+                                  jax.tree.map(one, yi), ki))(x, y, keys)
+      return jnp.sum(w * per_example.astype(acc_dtype))
+    n = jax.tree.leaves(x)[0].shape[0]
+    return n * call(p, x, y, rng).astype(acc_dtype)
+
+  sub, v = lax.pcast((kernel.take(params), v), kernel.data_axis, to="varying")
+  (value, _), (_, hv) = jax.jvp(jax.value_and_grad(objective), (sub,), (v,))
+  return hv, value, jnp.sum(w)
+
+
+class Stats(NamedTuple):
+  """Per-device running sums of a pass: examples, loss, first bad batch."""
+  count: jax.Array
+  loss: jax.Array
+  bad: jax.Array  # the first batch with a non-finite product, or -1
+
+
+def _add(kernel, acc, stats, hv, value, count, index):
+  finite = jnp.isfinite(value)
+  for leaf in jax.tree.leaves(hv):
+    finite &= jnp.all(jnp.isfinite(leaf))
+  acc = jax.tree.map(lambda a, h: a + h.astype(a.dtype), acc, hv)
+  bad = jnp.where((stats.bad < 0) & ~finite, index, stats.bad)
+  return acc, Stats(stats.count + count, stats.loss + value,
+                    bad.astype(stats.bad.dtype))
+
+
+def _reduce(kernel, acc, stats):
+  """The pass's one reduction: ``psum`` over the data axis."""
+  axis = kernel.data_axis
+  none = jnp.asarray(jnp.iinfo(jnp.int32).max, stats.bad.dtype)
+  bad = lax.pmin(jnp.where(stats.bad < 0, none, stats.bad), axis)
+  return lax.psum(acc, axis), Stats(
+      lax.psum(stats.count, axis), lax.psum(stats.loss, axis),
+      jnp.where(bad == none, -1, bad))
+
+
+def _finish(hv_sum, stats, like):
+  """``H v``: the weighted sum over the examples' count, in ``v``'s dtypes."""
+  hv = jax.tree.map(lambda a, t: (a / stats.count).astype(t.dtype), hv_sum,
+                    like)
+  return hv, jnp.stack([stats.count, stats.loss,
+                        stats.bad.astype(stats.count.dtype)])
+
+
+def _zeros_like(kernel, v, acc_dtype):
+  z = jax.tree.map(
+      lambda t: jnp.zeros(t.shape, tree_math.accumulation_dtype(t.dtype)), v)
+  zero = jnp.zeros((), acc_dtype)
+  stats = Stats(zero, zero, jnp.asarray(-1, jnp.int32))
+  return lax.pcast((z, stats), kernel.data_axis, to="varying")
+
+
+class Programs(NamedTuple):
+  """The compiled programs of one :class:`Kernel`.
+
+  ``device_pass(params, v, segments, loss_rng, padded=...)`` is a whole pass
+  over data kept on the devices, ``-> (Hv, [count, loss, bad])``.
+  ``stream_start(v, weight_dtype=...)`` makes per-device accumulators,
+  ``stream_step(params, v, acc, stats, index, x, y, w, loss_rng,
+  padded=...)`` adds one batch to them (donating them), and
+  ``stream_finish(acc, stats, v)`` reduces them once.
+  """
+  device_pass: Callable
+  stream_start: Callable
+  stream_step: Callable
+  stream_finish: Callable
+
+
+@functools.lru_cache(maxsize=64)
+def programs(kernel: Kernel) -> Programs:
+  """The kernel's programs, compiled on first use and cached with it."""
+  axis = kernel.data_axis
+  mesh = kernel.mesh
+  rep = NamedSharding(mesh, P())
+  vec_sh = kernel.vector_shardings
+  acc_sh = jax.tree.map(lambda s: NamedSharding(mesh, P(axis, *s.spec)),
+                        vec_sh)
+  stats_sh = Stats(*(NamedSharding(mesh, P(axis)),) * 3)
+  manual = {axis}
+
+  def device_pass(params, v, segments, loss_rng, padded):
+    weight_dtype = segments[0].w.dtype
+
+    def local(params, v, segments, loss_rng):
+      acc, stats = _zeros_like(kernel, v, weight_dtype)
+      for segment, is_padded in zip(segments, padded):
+        def body(carry, batch, is_padded=is_padded):
+          x, y, w, index = batch
+          hv, value, count = local_hvp(kernel, params, v, x, y, w, index,
+                                       loss_rng, padded=is_padded)
+          return _add(kernel, *carry, hv, value, count, index), None
+        (acc, stats), _ = lax.scan(body, (acc, stats), tuple(segment))
+      return _reduce(kernel, acc, stats)
+
+    stacked = P(None, axis)
+    seg_specs = tuple(
+        type(s)(stacked, stacked, stacked, P()) for s in segments)
+    hv_sum, stats = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(), seg_specs, P()),
+        out_specs=P(), axis_names=manual)(params, v, segments, loss_rng)
+    return _finish(hv_sum, stats, v)
+
+  def stream_start(v, weight_dtype):
+    def local(v):
+      acc, stats = _zeros_like(kernel, v, weight_dtype)
+      return jax.tree.map(lambda a: a[None], (acc, stats))
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(),), out_specs=P(axis),
+                         axis_names=manual)(v)
+
+  def stream_step(params, v, acc, stats, index, x, y, w, loss_rng, padded):
+    def local(params, v, acc, stats, x, y, w, index, loss_rng):
+      acc, stats = jax.tree.map(lambda a: a[0], (acc, stats))
+      hv, value, count = local_hvp(kernel, params, v, x, y, w, index,
+                                   loss_rng, padded=padded)
+      out = _add(kernel, acc, stats, hv, value, count, index)
+      return jax.tree.map(lambda a: a[None], out)
+    data = P(axis)
+    return jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(), P(), data, data, data, data, data, P(), P()),
+        out_specs=data, axis_names=manual)(params, v, acc, stats, x, y, w,
+                                           index, loss_rng)
+
+  def stream_finish(acc, stats, v):
+    def local(acc, stats):
+      return _reduce(kernel, *jax.tree.map(lambda a: a[0], (acc, stats)))
+    hv_sum, stats = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(axis), P(axis)), out_specs=P(),
+        axis_names=manual)(acc, stats)
+    return _finish(hv_sum, stats, v)
+
+  return Programs(
+      device_pass=jax.jit(device_pass, static_argnames="padded",
+                          out_shardings=(vec_sh, rep)),
+      stream_start=jax.jit(stream_start, static_argnames="weight_dtype",
+                           out_shardings=(acc_sh, stats_sh)),
+      stream_step=jax.jit(stream_step, static_argnames="padded",
+                          out_shardings=(acc_sh, stats_sh),
+                          donate_argnums=(2, 3)),
+      stream_finish=jax.jit(stream_finish, out_shardings=(vec_sh, rep)))

@@ -1,0 +1,41 @@
+"""The config schema: every key a run reads, with its default."""
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config, workdir or task that cannot run; nothing has been written."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The keys every config has, with their defaults; configs override them."""
+  c = ml_collections.ConfigDict()
+  c.task = "mlp_digits"  # a name in tasks.TASKS, or a user's 'module:function'
+  c.method = "power"  # a name in methods.METHODS
+  c.seed = 0
+  c.model = ml_collections.ConfigDict()
+  c.data = ml_collections.ConfigDict()
+  # Deterministic training at start-up, so the Hessian is a trained net's.
+  c.train = ml_collections.ConfigDict(
+      {"steps": 500, "batch_size": 128, "learning_rate": 1e-3})
+  c.batch_size = 256  # global batch of a Hessian pass
+  c.num_iterations = 30
+  c.tol = 0.0  # stop early at this relative change; 0 runs every iteration
+  c.subset = ""  # a regular expression on parameter paths; "" for all
+  c.lanczos = ml_collections.ConfigDict(
+      {"k": 5, "which": "LA", "ncv": 0, "tol": 1e-6, "max_hvps": 300})
+  c.density = ml_collections.ConfigDict(
+      {"num_probes": 4, "num_steps": 40, "grid_size": 1000, "sigma": 0.0})
+  c.trace = ml_collections.ConfigDict({"estimator": "hutch++", "num_hvps": 60})
+  c.mesh_axes = ("data", "model")
+  c.mesh_shape = (-1, 1)  # -1: all devices the other axes leave
+  c.mesh_shrink = False  # shrink fixed axes to fit the devices present
+  c.data_axis = "data"
+  c.model_axis = "model"
+  c.show_pbar = True
+  # Check in 3 products that the operator is deterministic and symmetric.
+  c.check_operator = False
+  # Save the method's state after every this many steps (0: only on SIGTERM);
+  # a run started again on the same workdir resumes from the newest one.
+  c.checkpoint_every = 5
+  return c

@@ -1,0 +1,79 @@
+"""The launcher's plots: one PNG per method, from its result dict."""
+
+import numpy as np
+
+
+def _figure(ncols=1):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4), squeeze=False)
+  return plt, fig, axes[0]
+
+
+def _save(plt, fig, path):
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def power(result, path):
+  plt, fig, (a, b) = _figure(2)
+  h = result["history"]
+  a.plot(h["iteration"], h["eigenvalue"], marker=".")
+  a.set(xlabel="iteration", ylabel="eigenvalue estimate <v, Hv>",
+        title=f"dominant eigenvalue: {result['eigenvalue']:.6g}")
+  b.semilogy(h["iteration"], np.maximum(1 - np.asarray(h["q"]), 1e-16),
+             marker=".")
+  b.set(xlabel="iteration", ylabel="1 - q = 1 - |<v_k, v_k+1>|",
+        title="eigenvector convergence")
+  _save(plt, fig, path)
+
+
+def lanczos(result, path):
+  plt, fig, (a, b) = _figure(2)
+  ritz = np.array(result["ritz_history"], dtype=float)
+  steps = np.arange(1, len(ritz) + 1)
+  for i in range(ritz.shape[1]):
+    a.plot(steps, ritz[:, i], label=f"{i + 1}")
+  a.set(xlabel="Hessian-vector products", ylabel="Ritz value",
+        title="Ritz values of the wanted eigenvalues")
+  a.legend(fontsize="small")
+  lam = np.abs(np.array(result["eigenvalues"], dtype=float))
+  pairs = np.arange(1, len(lam) + 1)
+  b.semilogy(pairs, result["relative_residuals"], "o", label="explicit")
+  b.semilogy(pairs, np.maximum(np.array(result["residual_estimates"],
+                                        dtype=float) / lam, 1e-20), "x",
+             label="recurrence estimate")
+  b.set(xlabel="eigenpair", ylabel="||Hv - lambda v|| / |lambda|",
+        title="relative residuals", xticks=pairs)
+  b.legend(fontsize="small")
+  _save(plt, fig, path)
+
+
+def density(result, path):
+  plt, fig, (a,) = _figure()
+  density = np.asarray(result["density"], dtype=float)
+  a.semilogy(result["grid"], np.maximum(density, 1e-12))
+  a.set(xlabel="eigenvalue", ylabel="density (log scale)",
+        ylim=(max(density.max() * 1e-8, 1e-12), density.max() * 2),
+        title=f"Hessian spectral density (SLQ, sigma={result['sigma']:.2g})")
+  _save(plt, fig, path)
+
+
+def trace(result, path):
+  plt, fig, (a,) = _figure()
+  samples = np.asarray(result["samples"], dtype=float)
+  offset = result["trace"] - samples.mean()
+  n = np.arange(1, len(samples) + 1)
+  running = offset + np.cumsum(samples) / n
+  spread = np.array([samples[:i].std(ddof=1) / np.sqrt(i) if i > 1 else 0
+                     for i in n])
+  a.plot(n, running, label="estimate")
+  a.fill_between(n, running - 2 * spread, running + 2 * spread, alpha=0.3,
+                 label="+- 2 standard errors")
+  a.set(xlabel="random probes", ylabel="trace estimate",
+        title=f"{result['estimator']}: {result['trace']:.6g} "
+              f"+- {result['stderr']:.2g}")
+  a.legend()
+  _save(plt, fig, path)

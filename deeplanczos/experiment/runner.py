@@ -1,0 +1,194 @@
+"""Runs one config end to end; what ``launch/main.py`` calls.
+
+config -> mesh -> task (loss, trained parameters, data) -> grain pipeline ->
+one operator -> the chosen method -> ``result.json`` and a PNG plot in the
+workdir, written by process 0 only.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+
+from absl import logging
+import flax
+import jax
+from jax.sharding import Mesh
+import ml_collections
+import numpy as np
+
+import deeplanczos
+from deeplanczos import checkpoint as checkpoint_lib
+from deeplanczos import data as data_lib
+from deeplanczos._src import sharding as sharding_lib
+from deeplanczos._src import tree_math
+from deeplanczos.experiment import methods as methods_lib
+from deeplanczos.experiment import tasks as tasks_lib
+from deeplanczos.experiment.config import ConfigError
+
+
+def build_mesh(config) -> Mesh:
+  """The mesh of ``config.mesh_shape`` over ``config.mesh_axes``.
+
+  A size of -1 takes the devices left over. With ``config.mesh_shrink`` the
+  other axes shrink to the largest divisor of the device count (so a default
+  mesh adapts to the devices present); without it a mesh that does not fit
+  the devices is an error.
+  """
+  names = tuple(config.mesh_axes)
+  shape = [int(s) for s in config.mesh_shape]
+  if len(names) != len(shape):
+    raise ValueError(f"config.mesh_axes {names} and config.mesh_shape "
+                     f"{tuple(shape)} must have the same length.")
+  n = jax.device_count()
+  if config.get("mesh_shrink", False):
+    shape = [s if s == -1 else math.gcd(s, n) for s in shape]
+  return sharding_lib.make_mesh(list(zip(names, shape)))
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _jsonable(x.tolist())
+  if isinstance(x, (np.floating, np.integer, np.bool_)):
+    return x.item()
+  if isinstance(x, float) and not math.isfinite(x):
+    return None  # JSON has no NaN or infinity
+  return x
+
+
+def _check_finite_loss(task, config, when):
+  n = min(config.batch_size, len(task.y))
+  rng = (jax.random.key(0),) if task.takes_rng else ()
+  value = float(task.loss(sharding_lib.unbox(task.params), task.x[:n],
+                          task.y[:n], *rng))
+  if not np.isfinite(value):
+    raise ConfigError(f"The loss {when} is {value} on the first batch; the "
+                      "Hessian of a non-finite loss means nothing. Check the "
+                      "model, the data and config.train.")
+
+
+def _make_workdir(workdir, lead):
+  """Creates the workdir (process 0), or says why it cannot be written."""
+  if not lead:
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".deeplanczos_write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"Cannot write to --workdir={workdir}: {e}") from e
+
+
+def _prepare(config):
+  """Everything that can fail on bad input, before the workdir is touched.
+
+  Returns:
+    ``(mesh, task, shardings, dataset, train_seconds)``, the task trained.
+  """
+  methods_lib.check(config)
+  try:
+    mesh = build_mesh(config)
+  except ValueError as e:
+    raise ConfigError(f"The mesh does not fit the devices: {e}") from e
+  logging.info("Mesh %s over %d processes.", dict(mesh.shape),
+               jax.process_count())
+  task = tasks_lib.build_task(config)
+  if len(task.y) < config.batch_size:
+    raise ConfigError(
+        f"The dataset has {len(task.y)} examples, fewer than one global batch "
+        f"(config.batch_size={config.batch_size}); lower the batch size.")
+  try:
+    dataset = data_lib.batch_dataset(task.x, task.y, config.batch_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  # Flax partitioning metadata, if the task's parameters carry it, names the
+  # layout; otherwise the default rule splits leaves over the model axis.
+  shardings = sharding_lib.from_metadata(
+      task.params, mesh, shardings_rule=functools.partial(
+          sharding_lib.infer_sharding, model_axis=config.model_axis))
+  _check_finite_loss(task, config, "at initialization")
+  start = time.perf_counter()
+  task = tasks_lib.train(task, config)
+  _check_finite_loss(task, config, "after training")
+  return mesh, task, shardings, dataset, time.perf_counter() - start
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        handle_sigterm: bool = False) -> dict:
+  """Runs ``config`` and, on process 0, writes its results into ``workdir``.
+
+  The method's state is checkpointed into ``workdir/checkpoints/METHOD``
+  every ``config.checkpoint_every`` steps, and the run resumes from the
+  newest complete checkpoint there. A workdir belongs to one config.
+
+  Args:
+    config: the run's config (see :func:`base_config`).
+    workdir: where results and checkpoints go.
+    handle_sigterm: make SIGTERM save a checkpoint and raise
+      ``checkpoint.Preempted`` (the launcher sets it).
+
+  Returns:
+    The result dict that ``result.json`` holds.
+  """
+  start = time.perf_counter()
+  lead = jax.process_index() == 0
+  mesh, task, shardings, dataset, train_s = _prepare(config)
+  _make_workdir(workdir, lead)
+  t_method = time.perf_counter()
+  op = deeplanczos.HessianOperator(
+      task.loss, task.params, dataset, batch_parser=data_lib.parse_batch,
+      mesh=mesh, shardings=shardings, data_axis=config.data_axis,
+      subset=config.subset or None,
+      loss_rng=jax.random.key(config.seed + 1) if task.takes_rng else None)
+  check = None
+  if config.get("check_operator", False):
+    check = deeplanczos.check_operator(
+        op, key=jax.random.key(config.seed))._asdict()
+    logging.info("Operator check: %s", check)
+  method = methods_lib.METHODS[config.method]
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints", config.method),
+      every=config.checkpoint_every, handle_sigterm=handle_sigterm)
+  try:
+    result = method.run(op, config,
+                        show_pbar=lead and config.get("show_pbar", True),
+                        checkpointer=checkpointer)
+  finally:
+    checkpointer.close()
+  if check is not None:
+    result["operator_check"] = check
+  end = time.perf_counter()
+  headline = result.pop("headline")
+  result.update({
+      "method": config.method,
+      "task": config.task,
+      "num_params": tree_math.tree_size(op.params),
+      "num_examples": int(len(task.y)),
+      "mesh": dict(mesh.shape),
+      "num_processes": jax.process_count(),
+      "num_devices": jax.device_count(),
+      "platform": jax.devices()[0].platform,
+      "data_on_device": op.data_on_device,
+      "timings": {"setup_s": t_method - start - train_s,
+                  "train_s": train_s,
+                  "method_s": end - t_method,
+                  "seconds_per_hvp": (end - t_method) / result["num_hvps"]},
+      "versions": {"deeplanczos": deeplanczos.__version__,
+                   "jax": jax.__version__, "flax": flax.__version__},
+      "config": config.to_dict(),
+  })
+  result = _jsonable(result)
+  if lead:
+    method.plot(result, os.path.join(workdir, f"{config.method}.png"))
+    with open(os.path.join(workdir, "result.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    logging.info("%s on %s: %s; results in %s", config.method, config.task,
+                 headline, workdir)
+  return result
