@@ -237,3 +237,61 @@ def test_counts_are_per_run_on_a_reused_operator(mlp):
                                    show_pbar=False)
   assert d.num_hvps == 3 and op.num_matvecs == 19
   del w
+
+
+def lanczos_setup(spectrum, steps, size, which="LA", k=2):
+  """A quadratic with a known Hessian and ``steps`` plain Lanczos steps."""
+  loss, params, x, y, h = helpers.quadratic_problem(
+      spectrum, shapes=((4,), (2, 4)))
+  op = deeplanczos.HessianOperator(loss, params, [(x, y)])
+  d = deeplanczos.tridiagonalize(op, op.random_vector(jax.random.key(3)),
+                                 steps)
+  basis = basis_lib.zeros(op.template, size + 1, op.shardings)
+  for i in range(steps):
+    basis = basis_lib.put(basis, i, basis_lib.get(d.basis, i))
+  dtype = jax.numpy.float64
+  opts = lanczos_lib._Options(k=k, which=which, tol=1e-8, size=size,  # pylint: disable=protected-access
+                              dimension=len(spectrum),
+                              tiny=100 * float(jax.numpy.finfo(dtype).eps))
+  return op, h, d, basis, opts
+
+
+def test_thick_restart_keeps_ritz_pairs_and_the_arrow():
+  spectrum = [9.0, 7.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.2, 0.1, -1.0, -3.0]
+  size = 6
+  op, h, d, basis, opts = lanczos_setup(spectrum, size, size)
+  t = np.asarray(d.tridiagonal)
+  beta = float(np.linalg.norm(helpers.flat(d.residual)))
+  w = basis_lib.scale(d.residual, 1.0 / beta)
+  new_basis, new_t, kept = lanczos_lib.thick_restart(
+      basis, t, size - 1, beta, w, beta, opts)
+  theta = np.linalg.eigvalsh(t)
+  assert kept == max(2, min(size - 1, 2 + (size - 2) // 2))  # l = 4
+  np.testing.assert_allclose(np.diag(new_t)[:kept],
+                             np.sort(theta)[::-1][:kept], rtol=1e-12)
+  q = np.stack([helpers.flat(basis_lib.get(new_basis, i))
+                for i in range(kept + 1)], axis=1)
+  np.testing.assert_allclose(q.T @ q, np.eye(kept + 1), atol=1e-12)
+  # H y_i = theta_i y_i + T[i, l] q_l for every kept Ritz vector y_i.
+  for i in range(kept):
+    np.testing.assert_allclose(
+        h @ q[:, i], new_t[i, i] * q[:, i] + new_t[i, kept] * q[:, kept],
+        atol=1e-10)
+  assert np.all(new_t[kept + 1:] == 0)
+  del op
+
+
+def test_breakdown_continues_orthogonal_to_the_basis():
+  spectrum = [4.0, 3.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05, -0.1, -0.2, -0.3, -1]
+  op, _, d, basis, _ = lanczos_setup(spectrum, 3, 5)
+  del d
+  key = jax.random.key(11)
+  w, next_key = lanczos_lib.continue_after_breakdown(op, basis, 3, key)
+  q = np.stack([helpers.flat(basis_lib.get(basis, i)) for i in range(3)])
+  v = helpers.flat(w)
+  np.testing.assert_allclose(np.linalg.norm(v), 1.0, rtol=1e-12)
+  np.testing.assert_allclose(q @ v, 0.0, atol=1e-12)
+  other, _ = lanczos_lib.continue_after_breakdown(op, basis, 3, next_key)
+  assert abs(helpers.flat(other) @ v) < 0.99  # a fresh direction each time
+  assert not np.array_equal(jax.random.key_data(next_key),
+                            jax.random.key_data(key))

@@ -201,3 +201,12 @@ def test_lanczos_density_trace_on_mesh_match_one_device():
                               show_pbar=False)
   t_got = deeplanczos.hutchpp(loss, params, batches, num_hvps=12, **on_mesh)
   np.testing.assert_allclose(t_got.estimate, t_ref.estimate, rtol=1e-6)
+
+
+def test_mesh_that_disagrees_with_shardings_is_refused():
+  loss, params, x, y = wide_mlp_problem()
+  shardings = RULE(params, deeplanczos.make_mesh([("data", 4), ("model", 2)]))
+  other = deeplanczos.make_mesh([("data", 8), ("model", 1)])
+  with pytest.raises(ValueError, match=r"mesh of shape \{'data': 4, 'model': 2\}"):
+    deeplanczos.HessianOperator(loss, params, [(x, y)], mesh=other,
+                                shardings=shardings)
