@@ -7,7 +7,7 @@ weigh 0) and placed split over the data axis. Either every pass streams
 through the host (:class:`Stream`, with the next batch placed while the
 current one computes), or the whole pass is read once and kept on the devices
 (:func:`stack`): consecutive batches of one shape are stacked along a leading
-axis, so a pass is a ``lax.scan`` per run of equal batches.
+axis, so a pass is one ``lax.scan`` per run of equal batches.
 """
 
 from collections.abc import Iterable, Iterator
@@ -138,8 +138,9 @@ def place(batch: HostBatch, sharding: NamedSharding):
       (batch.x, batch.y, batch.w))
 
 
-def stack(batches: list[HostBatch], mesh: Mesh, data_axis: str):
-  """Stacks runs of equal batches and places them once.
+def stack(batches: list[HostBatch], mesh: Mesh, data_axis: str, *,
+          max_length: int):
+  """Stacks runs of equal batches, at most ``max_length`` each, and places them.
 
   Returns:
     ``(segments, padded)``: a tuple of :class:`Segment` and, for each, whether
@@ -151,7 +152,8 @@ def stack(batches: list[HostBatch], mesh: Mesh, data_axis: str):
   while start < len(batches):
     key = signature(batches[start])
     end = start + 1
-    while end < len(batches) and signature(batches[end]) == key:
+    while (end < len(batches) and end - start < max_length
+           and signature(batches[end]) == key):
       end += 1
     run = batches[start:end]
     x, y, w = jax.tree.map(lambda *a: np.stack(a), *[(b.x, b.y, b.w)

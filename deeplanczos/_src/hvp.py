@@ -156,17 +156,39 @@ def _zeros_like(kernel, v, acc_dtype):
 class Programs(NamedTuple):
   """The compiled programs of one :class:`Kernel`.
 
-  ``device_pass(params, v, segments, loss_rng, padded=...)`` is a whole pass
-  over data kept on the devices, ``-> (Hv, [count, loss, bad])``.
-  ``stream_start(v, weight_dtype=...)`` makes per-device accumulators,
-  ``stream_step(params, v, acc, stats, index, x, y, w, loss_rng,
-  padded=...)`` adds one batch to them (donating them), and
-  ``stream_finish(acc, stats, v)`` reduces them once.
+  A pass is ``start``, then ``segment_step`` for each run of batches kept on
+  the devices or ``batch_step`` for each streamed batch, then ``finish``; a
+  pass whose data on the devices fits one program is ``device_pass``:
+
+  - ``start(v, weight_dtype=...) -> (acc, stats)``: zero per-device
+    accumulators, each leaf with a leading data axis;
+  - ``segment_step(params, v, acc, stats, segment, loss_rng, padded=...,
+    unroll=...)``: adds a stacked run of batches (a ``lax.scan``);
+  - ``batch_step(params, v, acc, stats, index, x, y, w, loss_rng,
+    padded=...)``: adds one batch;
+  - ``finish(acc, stats, v) -> (Hv, [count, loss, bad])``: the pass's one
+    reduction over the data axis, and the division by the count;
+  - ``device_pass(params, v, segments, loss_rng, padded=..., unroll=...)
+    -> (Hv, [count, loss, bad])``: all of it in one program.
+
+  The steps donate the accumulators they update.
   """
+  start: Callable
+  segment_step: Callable
+  batch_step: Callable
+  finish: Callable
   device_pass: Callable
-  stream_start: Callable
-  stream_step: Callable
-  stream_finish: Callable
+
+
+def _scan(kernel, params, v, carry, segment, loss_rng, padded, unroll):
+  """Adds a stacked run of batches to this device's accumulators."""
+  def body(carry, batch):
+    x, y, w, index = batch
+    hv, value, count = local_hvp(kernel, params, v, x, y, w, index, loss_rng,
+                                 padded=padded)
+    return _add(kernel, *carry, hv, value, count, index), None
+  carry, _ = lax.scan(body, carry, tuple(segment), unroll=unroll)
+  return carry
 
 
 @functools.lru_cache(maxsize=64)
@@ -180,64 +202,73 @@ def programs(kernel: Kernel) -> Programs:
                         vec_sh)
   stats_sh = Stats(*(NamedSharding(mesh, P(axis)),) * 3)
   manual = {axis}
+  data = P(axis)
+  stacked = P(None, axis)
+  lead = lambda tree: jax.tree.map(lambda a: a[None], tree)
+  unlead = lambda tree: jax.tree.map(lambda a: a[0], tree)
 
-  def device_pass(params, v, segments, loss_rng, padded):
-    weight_dtype = segments[0].w.dtype
+  def specs(segments):
+    return tuple(type(s)(stacked, stacked, stacked, P()) for s in segments)
 
-    def local(params, v, segments, loss_rng):
-      acc, stats = _zeros_like(kernel, v, weight_dtype)
-      for segment, is_padded in zip(segments, padded):
-        def body(carry, batch, is_padded=is_padded):
-          x, y, w, index = batch
-          hv, value, count = local_hvp(kernel, params, v, x, y, w, index,
-                                       loss_rng, padded=is_padded)
-          return _add(kernel, *carry, hv, value, count, index), None
-        (acc, stats), _ = lax.scan(body, (acc, stats), tuple(segment))
-      return _reduce(kernel, acc, stats)
-
-    stacked = P(None, axis)
-    seg_specs = tuple(
-        type(s)(stacked, stacked, stacked, P()) for s in segments)
-    hv_sum, stats = jax.shard_map(
-        local, mesh=mesh, in_specs=(P(), P(), seg_specs, P()),
-        out_specs=P(), axis_names=manual)(params, v, segments, loss_rng)
-    return _finish(hv_sum, stats, v)
-
-  def stream_start(v, weight_dtype):
+  def start(v, weight_dtype):
     def local(v):
-      acc, stats = _zeros_like(kernel, v, weight_dtype)
-      return jax.tree.map(lambda a: a[None], (acc, stats))
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(),), out_specs=P(axis),
+      return lead(_zeros_like(kernel, v, weight_dtype))
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(),), out_specs=data,
                          axis_names=manual)(v)
 
-  def stream_step(params, v, acc, stats, index, x, y, w, loss_rng, padded):
+  def segment_step(params, v, acc, stats, segment, loss_rng, padded, unroll):
+    def local(params, v, acc, stats, segment, loss_rng):
+      return lead(_scan(kernel, params, v, unlead((acc, stats)), segment,
+                        loss_rng, padded, unroll))
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(), data, data, specs([segment])[0],
+                                    P()),
+        out_specs=data, axis_names=manual)(params, v, acc, stats, segment,
+                                           loss_rng)
+
+  def batch_step(params, v, acc, stats, index, x, y, w, loss_rng, padded):
     def local(params, v, acc, stats, x, y, w, index, loss_rng):
-      acc, stats = jax.tree.map(lambda a: a[0], (acc, stats))
+      acc, stats = unlead((acc, stats))
       hv, value, count = local_hvp(kernel, params, v, x, y, w, index,
                                    loss_rng, padded=padded)
-      out = _add(kernel, acc, stats, hv, value, count, index)
-      return jax.tree.map(lambda a: a[None], out)
-    data = P(axis)
+      return lead(_add(kernel, acc, stats, hv, value, count, index))
     return jax.shard_map(
         local, mesh=mesh,
         in_specs=(P(), P(), data, data, data, data, data, P(), P()),
         out_specs=data, axis_names=manual)(params, v, acc, stats, x, y, w,
                                            index, loss_rng)
 
-  def stream_finish(acc, stats, v):
+  def finish(acc, stats, v):
     def local(acc, stats):
-      return _reduce(kernel, *jax.tree.map(lambda a: a[0], (acc, stats)))
+      return _reduce(kernel, *unlead((acc, stats)))
     hv_sum, stats = jax.shard_map(
-        local, mesh=mesh, in_specs=(P(axis), P(axis)), out_specs=P(),
+        local, mesh=mesh, in_specs=(data, data), out_specs=P(),
         axis_names=manual)(acc, stats)
     return _finish(hv_sum, stats, v)
 
+  def device_pass(params, v, segments, loss_rng, padded, unroll):
+    weight_dtype = segments[0].w.dtype
+
+    def local(params, v, segments, loss_rng):
+      carry = _zeros_like(kernel, v, weight_dtype)
+      for segment, is_padded, n in zip(segments, padded, unroll):
+        carry = _scan(kernel, params, v, carry, segment, loss_rng, is_padded,
+                      n)
+      return _reduce(kernel, *carry)
+
+    hv_sum, stats = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(), specs(segments), P()),
+        out_specs=P(), axis_names=manual)(params, v, segments, loss_rng)
+    return _finish(hv_sum, stats, v)
+
+  accumulators = (acc_sh, stats_sh)
   return Programs(
-      device_pass=jax.jit(device_pass, static_argnames="padded",
-                          out_shardings=(vec_sh, rep)),
-      stream_start=jax.jit(stream_start, static_argnames="weight_dtype",
-                           out_shardings=(acc_sh, stats_sh)),
-      stream_step=jax.jit(stream_step, static_argnames="padded",
-                          out_shardings=(acc_sh, stats_sh),
-                          donate_argnums=(2, 3)),
-      stream_finish=jax.jit(stream_finish, out_shardings=(vec_sh, rep)))
+      start=jax.jit(start, static_argnames="weight_dtype",
+                    out_shardings=accumulators),
+      segment_step=jax.jit(segment_step, static_argnames=("padded", "unroll"),
+                           out_shardings=accumulators, donate_argnums=(2, 3)),
+      batch_step=jax.jit(batch_step, static_argnames="padded",
+                         out_shardings=accumulators, donate_argnums=(2, 3)),
+      finish=jax.jit(finish, out_shardings=(vec_sh, rep)),
+      device_pass=jax.jit(device_pass, static_argnames=("padded", "unroll"),
+                          out_shardings=(vec_sh, rep)))

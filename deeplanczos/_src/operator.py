@@ -27,6 +27,8 @@ from deeplanczos._src import tree_math
 
 # Data up to this many bytes per process is kept on the devices by default.
 DEVICE_BYTES = 1 << 28
+# On CPU, the most batches one compiled program of a pass holds (unrolled).
+SEGMENT_CPU = 8
 
 
 def _spec(tree):
@@ -253,23 +255,45 @@ class HessianOperator:
     if not kept:
       self._no_batches(where)
     self._on_device = True
-    self._segments = batches_lib.stack(kept, self.mesh, self.kernel.data_axis)
+    cpu = self.mesh.devices.flat[0].platform == "cpu"
+    self._segments = batches_lib.stack(
+        kept, self.mesh, self.kernel.data_axis,
+        max_length=SEGMENT_CPU if cpu else len(kept))
+
+  def _device_pass(self, v):
+    segments, padded = self._segments
+    # XLA:CPU runs a loop's body without its fast (multi-threaded)
+    # convolutions and matmuls, so there every scan is unrolled: a pass of at
+    # most SEGMENT_CPU batches is one program, a longer one a program per
+    # SEGMENT_CPU batches. Elsewhere a pass is one program of rolled scans.
+    cpu = self.mesh.devices.flat[0].platform == "cpu"
+    unroll = tuple(len(s.index) if cpu else 1 for s in segments)
+    if not cpu or sum(unroll) <= SEGMENT_CPU:
+      return self._programs.device_pass(self.params, v, segments,
+                                        self._loss_rng, padded=padded,
+                                        unroll=unroll)
+    acc, stats = self._programs.start(v, weight_dtype=self._weight_dtype)
+    for segment, is_padded, n in zip(segments, padded, unroll):
+      acc, stats = self._programs.segment_step(
+          self.params, v, acc, stats, segment, self._loss_rng,
+          padded=is_padded, unroll=n)
+    return self._programs.finish(acc, stats, v)
 
   def _stream_pass(self, v, where):
-    programs = self._programs
-    acc, stats = programs.stream_start(v, weight_dtype=self._weight_dtype)
+    acc, stats = self._programs.start(v, weight_dtype=self._weight_dtype)
     stream = batches_lib.Stream(self._host_batches(), self._batch_sharding)
     bar = tqdm.tqdm(desc="batches", total=self._passes.length, leave=False,
                     disable=not self._show_pbar)
     index = -1
     for index, ((x, y, w), padded) in enumerate(stream):
-      acc, stats = programs.stream_step(self.params, v, acc, stats, index, x,
-                                        y, w, self._loss_rng, padded=padded)
+      acc, stats = self._programs.batch_step(
+          self.params, v, acc, stats, index, x, y, w, self._loss_rng,
+          padded=padded)
       bar.update(1)
     bar.close()
     if index < 0:
       self._no_batches(where)
-    return programs.stream_finish(acc, stats, v)
+    return self._programs.finish(acc, stats, v)
 
   def matvec(self, v, *, where: str = ""):
     """``H v`` over one full pass of the data; ``v`` shaped like ``template``.
@@ -284,9 +308,7 @@ class HessianOperator:
     if self._on_device is not False and self._segments is None:
       self._load(where)
     if self._segments is not None:
-      segments, padded = self._segments
-      hv, stats = self._programs.device_pass(self.params, v, segments,
-                                             self._loss_rng, padded=padded)
+      hv, stats = self._device_pass(v)
     else:
       hv, stats = self._stream_pass(v, where)
     count, loss_sum, bad = sharding_lib.host_value(stats).astype(float)
