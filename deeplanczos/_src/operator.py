@@ -12,6 +12,7 @@ and places the data, kept on the devices when it fits; parameter subsets
 import copy
 from collections.abc import Callable
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,22 @@ def random_vector_fn(template, shardings, *, kind="normal", normalize=True):
     raise ValueError(f"kind must be 'normal' or 'rademacher', got {kind!r}.")
   return _random_fn(_spec(template), tuple(jax.tree.leaves(shardings)), kind,
                     normalize)
+
+
+class PassFn(NamedTuple):
+  """A whole pass over data on the devices: ``fn(params, v, data)``.
+
+  Hashable and equal for operators of one model and data layout, so a
+  ``jit`` that takes it as a static argument compiles once.
+  """
+  programs: hvp_lib.Programs
+  padded: tuple[bool, ...]
+  unroll: tuple[int, ...]
+
+  def __call__(self, params, v, data):
+    segments, loss_rng = data
+    return self.programs.device_pass(params, v, segments, loss_rng,
+                                     padded=self.padded, unroll=self.unroll)
 
 
 class HessianOperator:
@@ -311,7 +328,12 @@ class HessianOperator:
       hv, stats = self._device_pass(v)
     else:
       hv, stats = self._stream_pass(v, where)
-    count, loss_sum, bad = sharding_lib.host_value(stats).astype(float)
+    self.account(sharding_lib.host_value(stats), where)
+    return hv
+
+  def account(self, stats, where: str = ""):
+    """Counts one pass from its ``[count, loss, bad]``; raises if it was bad."""
+    count, loss_sum, bad = np.asarray(stats).astype(float)
     if bad >= 0:
       raise ValueError(
           f"Non-finite Hessian-vector product{' ' + where if where else ''} "
@@ -320,7 +342,25 @@ class HessianOperator:
     self.num_matvecs += 1
     self.num_examples = int(round(count))
     self.loss_value = loss_sum / count
-    return hv
+
+  def pass_program(self):
+    """The pass as a function to call inside ``jit``, or None.
+
+    For data kept on the devices in one program: ``(fn, data)`` with
+    ``fn(params, v, data) -> (Hv, [count, loss, bad])``, so that a method
+    can run many products in one compiled loop (count each pass with
+    :meth:`account`). None when the data streams or needs several programs.
+    """
+    if self._on_device is not False and self._segments is None:
+      self._load("")
+    if self._segments is None:
+      return None
+    segments, padded = self._segments
+    cpu = self.mesh.devices.flat[0].platform == "cpu"
+    unroll = tuple(len(s.index) if cpu else 1 for s in segments)
+    if cpu and sum(unroll) > SEGMENT_CPU:
+      return None
+    return PassFn(self._programs, padded, unroll), (segments, self._loss_rng)
 
   def check_vector(self, v, name: str = "V0"):
     """Validates a user's vector against ``template`` and places it."""

@@ -1,0 +1,150 @@
+"""The operator's speed mechanics keep its answers: compile caching, data on
+the devices, one reduction per pass, compiled power loops, warm starts."""
+
+import jax
+import numpy as np
+import pytest
+
+import deeplanczos
+from deeplanczos import data as data_lib
+from deeplanczos._src import hvp as hvp_lib
+from tests import helpers
+
+
+def dense_top(loss, params, x, y):
+  h, _ = helpers.dense_hessian(loss, params, x, y)
+  w = np.linalg.eigvalsh(h)
+  return w[np.argmax(np.abs(w))], h
+
+
+def test_second_call_and_new_parameters_compile_nothing():
+  base, params, x, y = helpers.mlp_problem()
+  batches = helpers.batches_of(x, y, [25, 25, 10])
+  traces = []
+
+  def loss(p, xb, yb):
+    traces.append(xb.shape)
+    return base(p, xb, yb)
+
+  deeplanczos.PowerMethodIterate(loss, params, batches, 3, show_pbar=False)
+  first = len(traces)
+  assert first == 4  # per batch shape: one shape check, one compiled step
+  deeplanczos.PowerMethodIterate(loss, params, batches, 3, show_pbar=False)
+  moved = jax.tree.map(lambda a: 1.5 * a, params)
+  _, hist = deeplanczos.PowerMethodIterate(loss, moved, batches, 300,
+                                           show_pbar=False)
+  op = deeplanczos.HessianOperator(loss, params, batches)
+  lam, v = deeplanczos.top_eigenvalue(op, params=moved, num_iterations=300)
+  assert len(traces) == first
+  top, _ = dense_top(base, moved, x, y)
+  np.testing.assert_allclose([hist["eigenvalue"][-1], lam], top, rtol=1e-6)
+  assert op.num_matvecs == 0  # with_params gave a new operator
+  del v
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (8, 1), (4, 2)])
+def test_data_on_device_equals_streaming_and_dense(mesh_shape):
+  loss, params, x, y = helpers.mlp_problem(n=61)
+  _, h = dense_top(loss, params, x, y)
+  kwargs = {}
+  if mesh_shape:
+    mesh = deeplanczos.make_mesh([("data", mesh_shape[0]),
+                                  ("model", mesh_shape[1])])
+    kwargs = dict(mesh=mesh, shardings=deeplanczos.infer_sharding(
+        params, mesh, min_size=1))
+  # grain batches of 16 with the last (13) padded and masked, then a run of
+  # more full batches than one program holds on CPU: several programs.
+  data = data_lib.batch_dataset(x, y, 16)
+  small = helpers.batches_of(x, y, [4] * 15 + [1])
+  for batches, parser in ((data, data_lib.parse_batch), (small, None)):
+    ops = [deeplanczos.HessianOperator(loss, params, batches,
+                                       batch_parser=parser,
+                                       data_on_device=mode, **kwargs)
+           for mode in (True, False)]
+    v = ops[0].random_vector(jax.random.key(0))
+    hv = [helpers.flat(op.matvec(v)) for op in ops]
+    assert [op.data_on_device for op in ops] == [True, False]
+    np.testing.assert_allclose(hv[0], hv[1], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(hv[0], h @ helpers.flat(v), rtol=1e-10,
+                               atol=1e-12)
+    assert ops[0].num_examples == ops[1].num_examples == 61
+    np.testing.assert_allclose(ops[0].loss_value, loss(params, x, y),
+                               rtol=1e-12)
+
+
+def count(text, op="all-reduce"):
+  return sum(line.split("=")[1].strip().startswith(op) or
+             f" {op}(" in line for line in text.splitlines()
+             if "=" in line and op in line)
+
+
+def test_one_reduction_per_pass_on_eight_devices():
+  loss, params, x, y = helpers.mlp_problem(n=64)
+  mesh = deeplanczos.make_mesh([("data", 8), ("model", 1)])
+  batches = helpers.batches_of(x, y, [16, 16, 16, 16])
+  op = deeplanczos.HessianOperator(loss, params, batches, mesh=mesh,
+                                   data_on_device=False)
+  v = op.random_vector(jax.random.key(0))
+  programs = hvp_lib.programs(op.kernel)
+  acc, stats = programs.start(v, weight_dtype=np.dtype("float64"))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  xb, yb, wb = (jax.device_put(a, split) for a in (x[:16], y[:16],
+                                                   np.ones(16)))
+  step = programs.batch_step.lower(
+      op.params, v, acc, stats, 0, xb, yb, wb, jax.random.key(0),
+      padded=False).compile().as_text()
+  finish = programs.finish.lower(acc, stats, v).compile().as_text()
+  assert count(step) == 0 and count(finish) >= 1
+  on_device = deeplanczos.HessianOperator(loss, params, batches, mesh=mesh)
+  fn, data = on_device.pass_program()
+  whole = jax.jit(lambda p, u, d: fn(p, u, d)).lower(
+      on_device.params, v, data).compile().as_text()
+  # Four batches in one program, reduced as often as one batch would be.
+  assert count(whole) == count(finish)
+  one_device = deeplanczos.HessianOperator(loss, params, batches)
+  want = helpers.flat(one_device.matvec(one_device.check_vector(
+      jax.device_get(v))))
+  for operator in (op, on_device):
+    np.testing.assert_allclose(helpers.flat(operator.matvec(v)), want,
+                               rtol=1e-10, atol=1e-13)
+
+
+def test_power_loop_on_device_matches_one_iteration_per_call():
+  loss, params, x, y = helpers.mlp_problem()
+  batches = helpers.batches_of(x, y, [16, 16, 16, 12])
+  traces = []
+
+  def counted(p, xb, yb):
+    traces.append(1)
+    return loss(p, xb, yb)
+
+  one = deeplanczos.power_iteration(counted, params, batches,
+                                    num_iterations=500, tol=1e-9,
+                                    show_pbar=False)
+  many = deeplanczos.power_iteration(counted, params, batches,
+                                     num_iterations=500, tol=1e-9,
+                                     show_pbar=False, iterations_per_call=16)
+  assert many.converged and one.converged
+  assert len(many.seconds) < len(one.seconds) / 10  # host round trips
+  assert abs(len(many.eigenvalues) - len(one.eigenvalues)) <= 1
+  n = min(len(many.eigenvalues), len(one.eigenvalues))
+  np.testing.assert_allclose(many.eigenvalues[:n], one.eigenvalues[:n],
+                             rtol=1e-12)
+  top, _ = dense_top(loss, params, x, y)
+  np.testing.assert_allclose(many.eigenvalue, top, rtol=1e-6)
+  assert many.num_hvps == len(many.eigenvalues)
+
+
+def test_tracker_warm_start_from_the_last_eigenvector():
+  loss, params, x, y = helpers.mlp_problem()
+  op = deeplanczos.HessianOperator(loss, params, [(x, y)])
+  lam, v = deeplanczos.top_eigenvalue(op, num_iterations=300)
+  moved = jax.tree.map(lambda a: a * 1.02, params)
+  top, h = dense_top(loss, moved, x, y)
+  warm, v_warm = deeplanczos.top_eigenvalue(op, params=moved, v0=v,
+                                            num_iterations=5)
+  cold, _ = deeplanczos.top_eigenvalue(op, params=moved, num_iterations=5)
+  assert abs(warm - top) < 1e-3 * abs(cold - top)
+  u = helpers.flat(v_warm)
+  assert np.linalg.norm(h @ u - warm * u) < 1e-3 * abs(top)
+  assert lam != warm
