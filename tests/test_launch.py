@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+import deeplanczos
 from deeplanczos import experiment
 from tests import helpers
 
@@ -186,3 +187,20 @@ def test_launcher_requires_workdir():
       capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode != 0
   assert "--workdir" in proc.stderr and "must have a value" in proc.stderr
+
+
+def test_sharpness_tracking(tmp_path):
+  config = small_config("cnn_digits_sharpness")
+  result = experiment.run(config, str(tmp_path))
+  on_disk = check_result(tmp_path, "sharpness")
+  c = config.sharpness
+  assert on_disk["steps"] == list(range(0, c.steps + 1, c.every))
+  assert on_disk["threshold"] == 2 / c.learning_rate
+  assert result["num_hvps"] == len(on_disk["steps"]) * c.num_iterations
+  # At the initialization, a Rayleigh quotient of the top eigenvalue that
+  # Lanczos finds independently: never above it, and close to it.
+  task = experiment.train(experiment.build_task(config), config)
+  top = deeplanczos.lanczos(task.loss, task.params, [(task.x, task.y)], 1,
+                            tol=1e-5, show_pbar=False).eigenvalues[0]
+  assert 0.8 * top < on_disk["sharpness"][0] <= top * (1 + 1e-5)
+  assert np.all(np.isfinite(on_disk["sharpness"]))

@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.density = ml_collections.ConfigDict(
       {"num_probes": 4, "num_steps": 40, "grid_size": 1000, "sigma": 0.0})
   c.trace = ml_collections.ConfigDict({"estimator": "hutch++", "num_hvps": 60})
+  # Full-batch gradient descent, the top eigenvalue every `every` steps.
+  c.sharpness = ml_collections.ConfigDict(
+      {"steps": 300, "learning_rate": 0.1, "every": 10, "num_iterations": 20})
   c.mesh_axes = ("data", "model")
   c.mesh_shape = (-1, 1)  # -1: all devices the other axes leave
   c.mesh_shrink = False  # shrink fixed axes to fit the devices present

@@ -1,22 +1,26 @@
 """The launcher's methods: config section -> library call -> result dict.
 
 Each entry of :data:`METHODS` runs one library method on the run's operator
-and returns the dict that ``result.json`` holds, with a one-line
-``'headline'`` for the log, and names its plot in ``plots.py``.
+(``run(op, config, task, show_pbar=..., checkpointer=...)``) and returns the
+dict that ``result.json`` holds, with a one-line ``'headline'`` for the log,
+and names its plot in ``plots.py``.
 """
 
 from collections.abc import Callable
 from typing import NamedTuple
 
+from absl import logging
 import jax
 import numpy as np
+import optax
 
 import deeplanczos
 from deeplanczos.experiment import plots
 from deeplanczos.experiment.config import ConfigError
 
 
-def power(op, config, **run):
+def power(op, config, task, **run):
+  del task
   r = deeplanczos.power_iteration(
       op, num_iterations=config.num_iterations,
       tol=config.get("tol") or None, key=jax.random.key(config.seed), **run)
@@ -28,7 +32,8 @@ def power(op, config, **run):
           "num_hvps": r.num_hvps, "headline": f"eigenvalue {r.eigenvalue:.6g}"}
 
 
-def lanczos(op, config, **run):
+def lanczos(op, config, task, **run):
+  del task
   c = config.lanczos
   r = deeplanczos.lanczos(
       op, c.k, which=c.which, key=jax.random.key(config.seed),
@@ -42,7 +47,8 @@ def lanczos(op, config, **run):
           "headline": f"{c.which} eigenvalues {np.round(r.eigenvalues, 6)}"}
 
 
-def density(op, config, **run):
+def density(op, config, task, **run):
+  del task
   c = config.density
   r = deeplanczos.spectral_density(
       op, num_probes=c.num_probes, num_steps=c.num_steps,
@@ -58,7 +64,8 @@ ESTIMATORS = {"hutch++": (deeplanczos.hutchpp, "num_hvps"),
               "hutchinson": (deeplanczos.hutchinson, "num_probes")}
 
 
-def trace(op, config, **run):
+def trace(op, config, task, **run):
+  del task
   c = config.trace
   estimator, budget = ESTIMATORS[c.estimator]
   r = estimator(op, key=jax.random.key(config.seed), **{budget: c.num_hvps},
@@ -68,8 +75,53 @@ def trace(op, config, **run):
           "headline": f"trace {r.estimate:.6g} +- {r.stderr:.2g}"}
 
 
+def sharpness(op, config, task, *, show_pbar, checkpointer):
+  """Trains by full-batch gradient descent and tracks the top eigenvalue.
+
+  Every ``config.sharpness.every`` steps, ``top_eigenvalue`` warm-starts
+  from the previous eigenvector on the operator moved to the new parameters
+  (nothing is compiled again), as edge-of-stability studies do: with step
+  size ``eta``, gradient descent is stable along directions of curvature
+  below ``2 / eta``. Not checkpointed: a stopped run starts again.
+  """
+  del checkpointer
+  c = config.sharpness
+  tx = optax.sgd(c.learning_rate)
+  params = jax.device_put(jax.device_get(op.params), jax.local_devices()[0])
+
+  @jax.jit
+  def step(params, opt_state):
+    value, grads = jax.value_and_grad(task.loss)(params, task.x, task.y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  opt_state = tx.init(params)
+  steps, values, losses, v, hvps = [], [], [], None, 0
+  for i in range(c.steps + 1):
+    if i % c.every == 0 or i == c.steps:
+      moved = op.with_params(params)
+      lam, v = deeplanczos.top_eigenvalue(
+          moved, v0=v, num_iterations=c.num_iterations,
+          key=jax.random.key(config.seed))
+      hvps += moved.num_matvecs
+      steps.append(i)
+      values.append(lam)
+      losses.append(moved.loss_value)
+      if show_pbar:
+        logging.info("step %d: loss %.4f, top eigenvalue %.4f (2/lr = %.4f)",
+                     i, moved.loss_value, lam, 2 / c.learning_rate)
+    if i < c.steps:
+      params, opt_state, _ = step(params, opt_state)
+  return {"steps": steps, "sharpness": values, "loss": losses,
+          "threshold": 2 / c.learning_rate, "num_hvps": hvps,
+          "learning_rate": c.learning_rate,
+          "headline": (f"top eigenvalue {values[0]:.4g} -> {values[-1]:.4g} "
+                       f"over {c.steps} steps (2/lr = "
+                       f"{2 / c.learning_rate:.4g})")}
+
+
 class Method(NamedTuple):
-  """``run(op, config, show_pbar=..., checkpointer=...) -> dict`` and its plot."""
+  """``run(op, config, task, show_pbar=..., checkpointer=...) -> dict``, plot."""
   run: Callable
   plot: Callable
 
@@ -77,7 +129,8 @@ class Method(NamedTuple):
 METHODS = {"power": Method(power, plots.power),
            "lanczos": Method(lanczos, plots.lanczos),
            "density": Method(density, plots.density),
-           "trace": Method(trace, plots.trace)}
+           "trace": Method(trace, plots.trace),
+           "sharpness": Method(sharpness, plots.sharpness)}
 
 
 def check(config):

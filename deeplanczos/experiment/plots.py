@@ -77,3 +77,21 @@ def trace(result, path):
               f"+- {result['stderr']:.2g}")
   a.legend()
   _save(plt, fig, path)
+
+
+def sharpness(result, path):
+  plt, fig, (a,) = _figure()
+  a.plot(result["steps"], result["sharpness"], marker=".",
+         label="top Hessian eigenvalue")
+  a.axhline(result["threshold"], color="k", linestyle="--",
+            label=f"2 / learning rate = {result['threshold']:.3g}")
+  a.set(xlabel="gradient descent step", ylabel="sharpness",
+        title="sharpness during training")
+  b = a.twinx()
+  b.semilogy(result["steps"], result["loss"], color="tab:orange", alpha=0.6,
+             label="loss")
+  b.set_ylabel("dataset loss")
+  lines = a.get_legend_handles_labels()
+  more = b.get_legend_handles_labels()
+  a.legend(lines[0] + more[0], lines[1] + more[1], fontsize="small")
+  _save(plt, fig, path)

@@ -157,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       os.path.join(workdir, "checkpoints", config.method),
       every=config.checkpoint_every, handle_sigterm=handle_sigterm)
   try:
-    result = method.run(op, config,
+    result = method.run(op, config, task,
                         show_pbar=lead and config.get("show_pbar", True),
                         checkpointer=checkpointer)
   finally:
