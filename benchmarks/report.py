@@ -27,7 +27,8 @@ import sys
 from benchmarks import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PARTS = ("hvp_cost", "pyhessian_compare", "lanczos", "memory", "processes")
+PARTS = ("hvp_cost", "pyhessian_compare", "scaling", "lanczos", "memory",
+         "processes")
 RESULT = {"pyhessian_compare": "pyhessian"}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
             "numpy", "scipy", "torch", "pyhessian")
