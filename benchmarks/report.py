@@ -4,8 +4,9 @@ Runs each benchmark module as its own process (some set XLA flags or float64
 before jax starts), in this order, and gathers their tables with the machine
 and package versions:
 
-  hvp_cost           HVP against gradient: digits MLP and CNN, Transformer
-  pyhessian_compare  seconds per power iteration against PyHessian, same MLP
+  hvp_cost           full-data HVP: library matvec against the bare HVP
+  pyhessian_compare  per iteration, compile and warm call against PyHessian
+  scaling            seconds per iteration against parameters and data
   lanczos            HVPs to converge: Lanczos, scipy eigsh, power + deflation
   memory             per-device memory on meshes of 8 fake devices
   processes          time per iteration with 1 and 2 processes on 127.0.0.1

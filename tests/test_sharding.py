@@ -12,6 +12,7 @@ import pytest
 
 import deeplanczos
 from deeplanczos import models
+from deeplanczos._src import basis as basis_lib
 from deeplanczos._src import sharding as sharding_lib
 from tests import helpers
 
@@ -210,3 +211,51 @@ def test_mesh_that_disagrees_with_shardings_is_refused():
   with pytest.raises(ValueError, match=r"mesh of shape \{'data': 4, 'model': 2\}"):
     deeplanczos.HessianOperator(loss, params, [(x, y)], mesh=other,
                                 shardings=shardings)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_fsdp_matches_one_device(shape, one_device):
+  _, hist1 = one_device
+  loss, params, x, y = wide_mlp_problem()
+  batches = helpers.batches_of(x, y, [16, 16, 16, 8, 5])
+  mesh = deeplanczos.make_mesh([("data", shape[0]), ("model", shape[1])])
+  shardings = deeplanczos.infer_sharding(params, mesh, fsdp_axis="data",
+                                         min_size=1)
+  sharded = sharding_lib.put(params, shardings)
+  v0 = deeplanczos.InitPowerMethodVector(jax.random.key(0), sharded)
+  v, hist = deeplanczos.PowerMethodIterate(loss, sharded, batches, 40, V0=v0,
+                                           show_pbar=False)
+  for key in ("eigenvalue", "alpha", "q"):
+    np.testing.assert_allclose(hist[key], hist1[key], rtol=1e-5, err_msg=key)
+  # Parameters and vectors split over all 8 devices, the data axis included.
+  kernel = v["params"]["Dense_0"]["kernel"]  # (8, 16)
+  assert kernel.sharding == shardings["params"]["Dense_0"]["kernel"]
+  assert "data" in str(kernel.sharding.spec)
+  assert kernel.addressable_shards[0].data.size == 8 * 16 // 8
+  ref = deeplanczos.lanczos(loss, params, batches, 3, tol=1e-9,
+                            show_pbar=False)
+  got = deeplanczos.lanczos(loss, sharded, batches, 3, tol=1e-9,
+                            show_pbar=False)
+  np.testing.assert_allclose(got.eigenvalues, ref.eigenvalues, rtol=1e-6)
+
+
+def per_device_bytes(tree):
+  held = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+  return max(held.values())
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (4, 2), (1, 8)])
+def test_basis_is_split_over_all_devices(shape):
+  params = {"a": jnp.zeros((64, 32)), "b": jnp.zeros((32,)),
+            "c": jnp.zeros((16, 8))}
+  mesh = deeplanczos.make_mesh([("data", shape[0]), ("model", shape[1])])
+  shardings = RULE(params, mesh)  # split over the model axis only
+  basis = basis_lib.zeros(params, 21, shardings)
+  total = sum(a.nbytes for a in jax.tree.leaves(basis))
+  assert per_device_bytes(basis) <= 1.1 * total / 8
+  vector = sharding_lib.put(params, shardings)
+  assert per_device_bytes(vector) == sum(
+      a.nbytes for a in jax.tree.leaves(vector)) // shape[1]

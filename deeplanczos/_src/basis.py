@@ -1,7 +1,10 @@
 """A Krylov basis stored as a parameter-shaped pytree with a leading axis.
 
 Leaf ``l`` of the basis has shape ``(m, *l.shape)`` and the sharding
-``P(None, *spec_l)``: each slice is a vector with the parameters' sharding.
+``P(None, *spec_l)``, further split over the mesh axes that ``spec_l`` leaves
+unused (``sharding.basis_shardings``): a basis takes ``1 / devices`` of its
+size on each device whatever the parameters' layout, and reorthogonalization
+reduces over the devices without gathering a vector on one of them.
 Every function here is jitted once per basis shape and takes slot indices as
 traced integers, so nothing recompiles as a recurrence advances.
 """
@@ -20,7 +23,8 @@ def zeros(template, size, shardings):
   specs = [((size, *t.shape), t.dtype) for t in jax.tree.leaves(template)]
   treedef = jax.tree.structure(template)
   make = lambda: treedef.unflatten([jnp.zeros(s, d) for s, d in specs])
-  return jax.jit(make, out_shardings=sharding_lib.basis_shardings(shardings))()
+  return jax.jit(make, out_shardings=sharding_lib.basis_shardings(
+      template, shardings, size))()
 
 
 @functools.partial(jax.jit, donate_argnums=0)

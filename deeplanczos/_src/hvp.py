@@ -25,6 +25,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
 
 
@@ -198,8 +199,12 @@ def programs(kernel: Kernel) -> Programs:
   mesh = kernel.mesh
   rep = NamedSharding(mesh, P())
   vec_sh = kernel.vector_shardings
-  acc_sh = jax.tree.map(lambda s: NamedSharding(mesh, P(axis, *s.spec)),
-                        vec_sh)
+  # Each device's partial sums: a leading data axis, and no other split over
+  # it (with FSDP the vectors are split over the data axis too; the sums are
+  # whole until the pass's reduction).
+  acc_sh = jax.tree.map(
+      lambda s: NamedSharding(mesh, P(axis, *sharding_lib.without_axis(
+          s.spec, axis))), vec_sh)
   stats_sh = Stats(*(NamedSharding(mesh, P(axis)),) * 3)
   manual = {axis}
   data = P(axis)

@@ -296,7 +296,9 @@ def result(op, state: LanczosState, run: driver.Run,
   y = np.zeros((opts.size + 1, opts.k))
   y[:state.j + 1, :len(wanted)] = s[:, wanted]
   dtype = jax.tree.leaves(state.basis)[0].dtype
-  vectors = basis_lib.combine(state.basis, jnp.asarray(y, dtype))
+  vectors = sharding_lib.put(basis_lib.combine(state.basis,
+                                               jnp.asarray(y, dtype)),
+                             sharding_lib.stacked(op.shardings))
   lam = theta[wanted]
   residuals = np.array([
       float(sharding_lib.host_value(_residual(

@@ -51,37 +51,87 @@ def make_mesh(axes: Sequence[tuple[str, int]] = (("data", -1), ("model", 1)),
 
 
 def infer_sharding(params, mesh: Mesh, *, model_axis: str = "model",
-                   min_size: int = 1024):
-  """Default rule: shard each leaf's largest dimension the model axis divides.
+                   fsdp_axis: str | None = None, min_size: int = 1024):
+  """Default rule: split each leaf's largest dimensions over the mesh.
 
-  Leaves with fewer than ``min_size`` elements, and leaves none of whose
-  dimensions the model axis divides, are replicated. Every leaf is replicated
-  over the other mesh axes. Replace this function (``shardings_rule=``) to use
-  another layout.
+  The model axis takes the largest dimension it divides (tensor
+  parallelism). With ``fsdp_axis`` (the data axis, say: FSDP / ZeRO-3),
+  that axis takes the largest remaining dimension it divides, so parameters
+  and vectors are split over every device; the Hessian-vector product then
+  gathers the parameters it needs inside its compiled step. Leaves with fewer
+  than ``min_size`` elements, and dimensions no axis divides, are replicated.
+  Replace this function (``shardings_rule=``) to use another layout.
 
   Args:
     params: a pytree of arrays (or ``jax.ShapeDtypeStruct``).
     mesh: the mesh.
     model_axis: the mesh axis that parameters are split over.
+    fsdp_axis: a second mesh axis to split parameters over, or None.
     min_size: leaves smaller than this stay replicated.
 
   Returns:
     A pytree of ``NamedSharding`` shaped like ``params``.
   """
-  n = mesh.shape.get(model_axis, 1)
+  axes = [a for a in (model_axis, fsdp_axis)
+          if a is not None and mesh.shape.get(a, 1) > 1]
 
   def rule(x):
     shape = np.shape(x)
-    if n == 1 or math.prod(shape) < min_size:
-      return NamedSharding(mesh, P())
-    dims = [d for d in np.argsort(shape)[::-1] if shape[d] % n == 0]
-    if not dims:
-      return NamedSharding(mesh, P())
     spec = [None] * len(shape)
-    spec[dims[0]] = model_axis
-    return NamedSharding(mesh, P(*spec))
+    if math.prod(shape) >= min_size:
+      for axis in axes:
+        n = mesh.shape[axis]
+        dims = [d for d in np.argsort(shape, kind="stable")[::-1]
+                if spec[d] is None and shape[d] % n == 0]
+        if dims:
+          spec[dims[0]] = axis
+    return NamedSharding(mesh, P(*spec) if any(spec) else P())
 
   return jax.tree.map(rule, params)
+
+
+def without_axis(spec: P, axis: str) -> P:
+  """``spec`` with mesh axis ``axis`` removed (that dimension's split undone)."""
+  def drop(part):
+    if part == axis:
+      return None
+    if isinstance(part, tuple):
+      kept = tuple(a for a in part if a != axis)
+      return kept if len(kept) > 1 else (kept[0] if kept else None)
+    return part
+  return P(*(drop(part) for part in spec))
+
+
+def over_all_devices(shape, sharding: NamedSharding) -> NamedSharding:
+  """``sharding`` further split over the mesh axes it leaves unused.
+
+  Each unused axis (of size > 1) splits the dimension with the largest
+  extent per device that it divides, so an array that its sharding
+  replicates over the data axis (a vector of a tensor-parallel model) is
+  stored split over every device. Dimensions no axis divides stay as they
+  are.
+  """
+  mesh = sharding.mesh
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  used = {a for part in spec if part is not None
+          for a in (part if isinstance(part, tuple) else (part,))}
+
+  def parts(d):
+    part = spec[d]
+    return () if part is None else part if isinstance(part, tuple) else (part,)
+
+  for axis in mesh.axis_names:
+    n = mesh.shape[axis]
+    if axis in used or n == 1:
+      continue
+    local = [shape[d] // math.prod(mesh.shape[a] for a in parts(d))
+             for d in range(len(shape))]
+    dims = [d for d in np.argsort(local, kind="stable")[::-1]
+            if local[d] % n == 0]
+    if dims:
+      new = parts(dims[0]) + (axis,)
+      spec[dims[0]] = new if len(new) > 1 else new[0]
+  return NamedSharding(mesh, P(*spec))
 
 
 def _is_boxed(x):
@@ -220,7 +270,21 @@ def local_data_size(mesh: Mesh, data_axis: str) -> int:
   return len(coords)
 
 
-def basis_shardings(shardings):
-  """A stacked basis' shardings: each vector sharding with a leading axis."""
+def stacked(shardings):
+  """Shardings of vectors stacked on a leading axis: that axis unsplit."""
   return jax.tree.map(lambda s: NamedSharding(s.mesh, P(None, *s.spec)),
                       shardings)
+
+
+def basis_shardings(template, shardings, size: int):
+  """A basis of ``size`` vectors like ``template``, split over every device.
+
+  Each leaf's sharding gets a leading unsplit Krylov axis and is then split
+  over the mesh axes the vector sharding leaves unused (the data axis of a
+  tensor-parallel model), so a basis takes ``1 / devices`` of its size on
+  each device whatever the parameters' layout.
+  """
+  return jax.tree.map(
+      lambda t, s: over_all_devices((size, *t.shape),
+                                    NamedSharding(s.mesh, P(None, *s.spec))),
+      template, shardings)
