@@ -29,6 +29,8 @@ from deeplanczos._src.subset import path_str
 from deeplanczos._src.trace import TraceResult
 from deeplanczos._src.trace import hutchinson
 from deeplanczos._src.trace import hutchpp
+from deeplanczos.eigenvectors import load_eigenvectors
+from deeplanczos.eigenvectors import save_eigenvectors
 
 __version__ = "0.2.0"
 
@@ -47,9 +49,11 @@ __all__ = (
     "hutchpp",
     "infer_sharding",
     "lanczos",
+    "load_eigenvectors",
     "make_mesh",
     "path_str",
     "power_iteration",
+    "save_eigenvectors",
     "spectral_density",
     "top_eigenvalue",
     "tridiagonalize",

@@ -13,6 +13,7 @@ so a step half-written when the process died is never listed; a newest step
 that fails to load all the same is skipped for the one before it.
 """
 
+import json
 import os
 
 from absl import logging
@@ -28,6 +29,23 @@ class Preempted(Exception):  # pylint: disable=g-bad-exception-name
     self.step = step
 
 
+class Mismatch(ValueError):
+  """A checkpoint written by another run: another config, model or mesh."""
+
+
+def _differences(saved, current, prefix=""):
+  """``['key: saved -> current', ...]`` over two nested dicts."""
+  out = []
+  for key in sorted(set(saved) | set(current), key=str):
+    name = f"{prefix}{key}"
+    a, b = saved.get(key, "(absent)"), current.get(key, "(absent)")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _differences(a, b, name + ".")
+    elif a != b:
+      out.append(f"{name}: {a!r} -> {b!r}")
+  return out
+
+
 class Checkpointer:
   """Orbax-backed checkpoints of a method's state in ``directory``.
 
@@ -39,12 +57,17 @@ class Checkpointer:
     handle_sigterm: while a method runs, SIGTERM (a TPU VM's preemption
       notice) saves at the end of the current step and raises
       :class:`Preempted`.
+    fingerprint: a JSON-able dict describing the run (its config, parameter
+      tree, mesh). It is saved with every step, and a step saved with
+      another fingerprint is refused with :class:`Mismatch`, naming what
+      changed, instead of being resumed.
   """
 
   def __init__(self, directory: str, every: int = 1, max_to_keep: int = 2,
-               handle_sigterm: bool = False):
+               handle_sigterm: bool = False, fingerprint: dict | None = None):
     self.every = every
     self.handle_sigterm = handle_sigterm
+    self.fingerprint = json.loads(json.dumps(fingerprint or {}))
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(
@@ -53,7 +76,8 @@ class Checkpointer:
 
   def save(self, step: int, arrays: dict, meta: dict):
     """Writes ``step``: ``arrays`` (device arrays) and ``meta`` (JSON)."""
-    items = {"meta": ocp.args.JsonSave(meta)}
+    items = {"meta": ocp.args.JsonSave({**meta,
+                                        "fingerprint": self.fingerprint})}
     if arrays:
       items["arrays"] = ocp.args.StandardSave(arrays)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -65,6 +89,9 @@ class Checkpointer:
     Args:
       like: arrays shaped and sharded like the saved ones (the fresh state);
         empty when the state is host values alone.
+
+    Raises:
+      Mismatch: the newest readable step was saved with another fingerprint.
     """
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -75,13 +102,29 @@ class Checkpointer:
     self._manager.reload()
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
+        meta = self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Checkpoint step %d cannot be read (%s: %s); trying "
+                        "an older one.", step, type(e).__name__, e)
+        continue
+      changed = _differences(meta.get("fingerprint", {}), self.fingerprint)
+      if changed:
+        raise Mismatch(
+            f"The checkpoints in {self._manager.directory} were written by "
+            "another run; resuming them would mix two computations. What "
+            "changed: " + "; ".join(changed) + ". Use another workdir, or "
+            "delete the checkpoints to start afresh.")
+      try:
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Checkpoint step %d cannot be loaded (%s: %s); "
                         "trying an older one.", step, type(e).__name__, e)
         continue
       logging.info("Resuming from checkpoint step %d.", step)
-      return (out.get("arrays") if target else {}), out["meta"]
+      meta = dict(out["meta"])
+      meta.pop("fingerprint", None)
+      return (out.get("arrays") if target else {}), meta
     return None
 
   def close(self):

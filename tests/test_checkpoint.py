@@ -3,7 +3,9 @@
 import json
 import os
 import pathlib
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import pytest
 
 import deeplanczos
 from deeplanczos import checkpoint
+from deeplanczos import experiment
 from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -144,3 +147,29 @@ def test_killed_and_preempted_launcher_resumes_to_same_result(tmp_path):
   b = json.loads((workdir / "result.json").read_text())["history"]
   for key in ("eigenvalue", "alpha", "q"):
     assert a[key] == b[key], key
+
+
+def test_resume_with_another_config_or_mesh_is_refused(tmp_path):
+  config = helpers.small_config()
+  config.checkpoint_every = 1
+  experiment.run(config, str(tmp_path))
+  again = experiment.run(config, str(tmp_path))  # same run: resumes, finished
+  assert again["history"] == experiment.run(config, str(tmp_path))["history"]
+  for key, value, named in (("num_iterations", 7, "config.num_iterations"),
+                            ("mesh_shape", (4, 2), "mesh.data: 8 -> 4")):
+    changed = helpers.small_config()
+    setattr(changed, key, value)
+    with pytest.raises(experiment.ConfigError, match=re.escape(named)):
+      experiment.run(changed, str(tmp_path))
+
+
+def test_second_run_on_a_workdir_is_refused_and_stale_lock_is_not(tmp_path):
+  (tmp_path / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}")
+  with pytest.raises(experiment.ConfigError, match="Another run"):
+    experiment.run(helpers.small_config(), str(tmp_path))
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  (tmp_path / ".lock").write_text(f"{socket.gethostname()} {dead.pid}")
+  experiment.run(helpers.small_config(), str(tmp_path))  # a killed run's lock
+  assert (tmp_path / "result.json").exists()
+  assert not (tmp_path / ".lock").exists()

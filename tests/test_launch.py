@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -204,3 +205,27 @@ def test_sharpness_tracking(tmp_path):
                             tol=1e-5, show_pbar=False).eigenvalues[0]
   assert 0.8 * top < on_disk["sharpness"][0] <= top * (1 + 1e-5)
   assert np.all(np.isfinite(on_disk["sharpness"]))
+
+
+def test_saved_eigenvectors_load_onto_another_mesh(tmp_path):
+  config = small_config("cnn_digits_lanczos")
+  config.lanczos.tol = 1e-4
+  config.lanczos.max_hvps = 60
+  result = experiment.run(config, str(tmp_path))  # on a (8, 1) mesh
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  lam, vectors = deeplanczos.load_eigenvectors(str(tmp_path), mesh=mesh)
+  np.testing.assert_array_equal(lam, result["eigenvalues"])
+  leaf = max(jax.tree.leaves(vectors), key=lambda a: a.size)
+  assert leaf.sharding.mesh == mesh and leaf.shape[0] == config.lanczos.k
+  assert leaf.addressable_shards[0].data.size == leaf.size // 8
+  task = experiment.train(experiment.build_task(config), config)
+  op = deeplanczos.HessianOperator(task.loss, task.params,
+                                   [(task.x, task.y)], mesh=mesh)
+  for i, value in enumerate(lam):
+    v = op.check_vector(jax.tree.map(lambda a, i=i: a[i], vectors))
+    hv = op.matvec(v)
+    residual = np.sqrt(sum(float(np.sum((np.asarray(h) - value * np.asarray(u))
+                                        ** 2))
+                           for h, u in zip(jax.tree.leaves(hv),
+                                           jax.tree.leaves(v))))
+    assert residual <= 2e-4 * abs(value), (i, residual)

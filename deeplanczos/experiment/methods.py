@@ -2,8 +2,9 @@
 
 Each entry of :data:`METHODS` runs one library method on the run's operator
 (``run(op, config, task, show_pbar=..., checkpointer=...)``) and returns the
-dict that ``result.json`` holds, with a one-line ``'headline'`` for the log,
-and names its plot in ``plots.py``.
+dict that ``result.json`` holds, with a one-line ``'headline'`` for the log
+and, for methods that find eigenvectors, ``'eigenpairs'`` to save; it names
+its plot in ``plots.py``.
 """
 
 from collections.abc import Callable
@@ -28,8 +29,10 @@ def power(op, config, task, **run):
   history = {"alpha": r.alpha, "eigenvalue": r.eigenvalues, "q": r.q,
              "iteration": np.arange(n), "loss": np.full(n, r.loss),
              "seconds": r.seconds}
+  vectors = jax.tree.map(lambda a: a[None], r.eigenvector)
   return {"eigenvalue": r.eigenvalue, "history": history,
-          "num_hvps": r.num_hvps, "headline": f"eigenvalue {r.eigenvalue:.6g}"}
+          "num_hvps": r.num_hvps, "headline": f"eigenvalue {r.eigenvalue:.6g}",
+          "eigenpairs": (np.array([r.eigenvalue]), vectors)}
 
 
 def lanczos(op, config, task, **run):
@@ -44,7 +47,8 @@ def lanczos(op, config, task, **run):
           "converged": r.converged, "gap_ratio": r.gap_ratio,
           "ritz_history": r.ritz_history, "num_hvps": r.num_hvps,
           "loss": r.loss,
-          "headline": f"{c.which} eigenvalues {np.round(r.eigenvalues, 6)}"}
+          "headline": f"{c.which} eigenvalues {np.round(r.eigenvalues, 6)}",
+          "eigenpairs": (r.eigenvalues, r.eigenvectors)}
 
 
 def density(op, config, task, **run):

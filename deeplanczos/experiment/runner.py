@@ -25,6 +25,7 @@ from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
 from deeplanczos.experiment import methods as methods_lib
 from deeplanczos.experiment import tasks as tasks_lib
+from deeplanczos.experiment import workdir as workdir_lib
 from deeplanczos.experiment.config import ConfigError
 
 
@@ -72,20 +73,6 @@ def _check_finite_loss(task, config, when):
                       "model, the data and config.train.")
 
 
-def _make_workdir(workdir, lead):
-  """Creates the workdir (process 0), or says why it cannot be written."""
-  if not lead:
-    return
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".deeplanczos_write_test")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"Cannot write to --workdir={workdir}: {e}") from e
-
-
 def _prepare(config):
   """Everything that can fail on bad input, before the workdir is touched.
 
@@ -126,7 +113,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 
   The method's state is checkpointed into ``workdir/checkpoints/METHOD``
   every ``config.checkpoint_every`` steps, and the run resumes from the
-  newest complete checkpoint there. A workdir belongs to one config.
+  newest complete checkpoint there. A workdir belongs to one config, model
+  and mesh: checkpoints of another are refused, and so is a second run on
+  the workdir while one holds its lock.
 
   Args:
     config: the run's config (see :func:`base_config`).
@@ -140,7 +129,15 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   start = time.perf_counter()
   lead = jax.process_index() == 0
   mesh, task, shardings, dataset, train_s = _prepare(config)
-  _make_workdir(workdir, lead)
+  workdir_lib.make(workdir, lead)
+  with workdir_lib.Lock(workdir, lead):
+    return _run(config, workdir, handle_sigterm, lead, mesh, task, shardings,
+                dataset, start, train_s)
+
+
+def _run(config, workdir, handle_sigterm, lead, mesh, task, shardings,
+         dataset, start, train_s):
+  """The method on one operator, and the result files."""
   t_method = time.perf_counter()
   op = deeplanczos.HessianOperator(
       task.loss, task.params, dataset, batch_parser=data_lib.parse_batch,
@@ -155,15 +152,21 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   method = methods_lib.METHODS[config.method]
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints", config.method),
-      every=config.checkpoint_every, handle_sigterm=handle_sigterm)
+      every=config.checkpoint_every, handle_sigterm=handle_sigterm,
+      fingerprint=workdir_lib.fingerprint(config, op, mesh))
   try:
     result = method.run(op, config, task,
                         show_pbar=lead and config.get("show_pbar", True),
                         checkpointer=checkpointer)
+  except checkpoint_lib.Mismatch as e:
+    raise ConfigError(str(e)) from e
   finally:
     checkpointer.close()
   if check is not None:
     result["operator_check"] = check
+  if "eigenpairs" in result:  # every process writes its shards
+    deeplanczos.save_eigenvectors(os.path.join(workdir, "eigenvectors"),
+                                  *result.pop("eigenpairs"))
   end = time.perf_counter()
   headline = result.pop("headline")
   result.update({
