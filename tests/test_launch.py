@@ -229,3 +229,11 @@ def test_saved_eigenvectors_load_onto_another_mesh(tmp_path):
                            for h, u in zip(jax.tree.leaves(hv),
                                            jax.tree.leaves(v))))
     assert residual <= 2e-4 * abs(value), (i, residual)
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "fisher"])
+def test_launcher_curvature(tmp_path, curvature):
+  config = small_config("mlp_digits_trace")
+  config.curvature = curvature
+  result = experiment.run(config, str(tmp_path))
+  assert result["trace"] > 0  # both are positive semi-definite

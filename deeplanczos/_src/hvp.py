@@ -42,6 +42,10 @@ class Kernel:
     mesh: the device mesh.
     data_axis: the mesh axis batches are split over.
     uses_rng: the loss takes a fourth, per-batch and per-device PRNG key.
+    curvature: ``'hessian'``, ``'ggn'`` or ``'fisher'``.
+    model_fn: ``model_fn(params, x) -> outputs``, for the GGN.
+    output_loss: ``output_loss(outputs, y) -> scalar`` (a batch mean), for
+      the GGN.
   """
   loss: Callable
   treedef: Any
@@ -50,6 +54,9 @@ class Kernel:
   mesh: Mesh
   data_axis: str
   uses_rng: bool
+  curvature: str = "hessian"
+  model_fn: Callable | None = None
+  output_loss: Callable | None = None
 
   def take(self, params):
     """The subset's leaves of ``params``, ``None`` elsewhere."""
@@ -69,9 +76,27 @@ class Kernel:
     return self.take(self.treedef.unflatten(list(self.param_shardings)))
 
 
+CURVATURES = ("hessian", "ggn", "fisher")
+
+
+def _per_example(fn, x, y, keys):
+  """``[fn(x_i, y_i, key_i)]``: ``fn`` on one-example batches, vectorized."""
+  one = lambda a: a[None]
+  return jax.vmap(lambda xi, yi, ki: fn(jax.tree.map(one, xi),
+                                        jax.tree.map(one, yi), ki))(x, y, keys)
+
+
 def local_hvp(kernel: Kernel, params, v, x, y, w, index, loss_rng, *,
               padded: bool):
-  """This device's ``(sum_i w_i H_i v, sum_i w_i loss_i, sum_i w_i)``.
+  """This device's ``(sum_i w_i C_i v, sum_i w_i loss_i, sum_i w_i)``.
+
+  ``C_i`` is the curvature of example ``i``'s loss: its Hessian
+  (forward-over-reverse, ``jax.jvp`` of ``jax.grad``); its generalized
+  Gauss-Newton matrix ``J_i^T H_{L,i} J_i`` (``J`` the Jacobian of the model
+  outputs, ``H_L`` the Hessian of the loss in the outputs: a JVP, an HVP in
+  output space, a VJP); or its empirical Fisher ``g_i g_i^T`` (``g_i`` the
+  example's gradient: ``J_L^T (w * J_L v)`` for the Jacobian ``J_L`` of the
+  per-example losses).
 
   Runs inside ``shard_map`` with the data axis manual. Unpadded batches are
   differentiated whole: ``n * loss(params, x, y)`` (the loss is a batch
@@ -83,32 +108,58 @@ def local_hvp(kernel: Kernel, params, v, x, y, w, index, loss_rng, *,
   device's examples' alone.
   """
   acc_dtype = w.dtype
+  n = w.shape[0]
   rng = None
   if kernel.uses_rng:
     rng = jax.random.fold_in(jax.random.fold_in(loss_rng, index),
                              lax.axis_index(kernel.data_axis))
+  keys = (jnp.zeros(n) if rng is None else
+          jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n)))
 
   def call(p, xb, yb, key):
     return kernel.loss(p, xb, yb) if rng is None else kernel.loss(p, xb, yb,
                                                                    key)
 
-  def objective(sub):
-    p = kernel.merge(params, sub)
+  def weighted_sum(per_batch, per_example):
+    """``sum_i w_i l_i`` from a batch mean, or example by example."""
     if padded:
-      one = lambda a: a[None]
-      n = w.shape[0]
-      keys = (jnp.zeros(n) if rng is None else
-              jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n)))
-      per_example = jax.vmap(
-          lambda xi, yi, ki: call(p, jax.tree.map(one, xi),
-                                  jax.tree.map(one, yi), ki))(x, y, keys)
-      return jnp.sum(w * per_example.astype(acc_dtype))
-    n = jax.tree.leaves(x)[0].shape[0]
-    return n * call(p, x, y, rng).astype(acc_dtype)
+      return jnp.sum(w * per_example().astype(acc_dtype))
+    return n * per_batch().astype(acc_dtype)
 
   sub, v = lax.pcast((kernel.take(params), v), kernel.data_axis, to="varying")
-  (value, _), (_, hv) = jax.jvp(jax.value_and_grad(objective), (sub,), (v,))
-  return hv, value, jnp.sum(w)
+
+  if kernel.curvature == "hessian":
+    def objective(sub):
+      p = kernel.merge(params, sub)
+      return weighted_sum(
+          lambda: call(p, x, y, rng),
+          lambda: _per_example(lambda a, b, k: call(p, a, b, k), x, y, keys))
+    (value, _), (_, hv) = jax.jvp(jax.value_and_grad(objective), (sub,), (v,))
+    return hv, value, jnp.sum(w)
+
+  if kernel.curvature == "ggn":
+    predict = lambda sub: kernel.model_fn(kernel.merge(params, sub), x)
+
+    def output_objective(out):
+      return weighted_sum(
+          lambda: kernel.output_loss(out, y),
+          lambda: _per_example(lambda o, b, k: kernel.output_loss(o, b), out,
+                               y, keys))
+    out, vjp = jax.vjp(predict, sub)
+    _, jv = jax.jvp(predict, (sub,), (v,))
+    (value, _), (_, hjv) = jax.jvp(jax.value_and_grad(output_objective),
+                                   (out,), (jv,))
+    (gv,) = vjp(hjv.astype(out.dtype))
+    return gv, value, jnp.sum(w)
+
+  def losses(sub):
+    p = kernel.merge(params, sub)
+    return _per_example(lambda a, b, k: call(p, a, b, k), x, y, keys)
+  values, vjp = jax.vjp(losses, sub)
+  _, directional = jax.jvp(losses, (sub,), (v,))  # g_i . v
+  weighted = (w * directional.astype(acc_dtype)).astype(directional.dtype)
+  (fv,) = vjp(weighted)
+  return fv, jnp.sum(w * values.astype(acc_dtype)), jnp.sum(w)
 
 
 class Stats(NamedTuple):

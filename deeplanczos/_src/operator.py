@@ -100,6 +100,9 @@ class PassFn(NamedTuple):
 class HessianOperator:
   """``v -> H v`` for the Hessian of a loss averaged over a whole dataset.
 
+  (Or, with ``curvature=``, the generalized Gauss-Newton matrix or the
+  empirical Fisher; every method works on each.)
+
   Vectors are pytrees with the structure, shapes, dtypes and shardings of the
   parameters (of the selected ``subset``). One application is one full pass
   over the data; the host reads three scalars per pass (example count, loss,
@@ -143,6 +146,14 @@ class HessianOperator:
       streams every pass, ``None`` decides by ``device_bytes``.
     device_bytes: the most bytes per process kept on the devices when
       ``data_on_device`` is ``None``.
+    curvature: the matrix: ``'hessian'``; ``'ggn'``, the generalized
+      Gauss-Newton matrix ``J^T H_L J`` of ``output_loss(model_fn(params,
+      x), y)`` (positive semi-definite for a convex ``output_loss``); or
+      ``'fisher'``, the empirical Fisher ``mean_i g_i g_i^T`` of the
+      per-example gradients of ``loss``.
+    model_fn: ``model_fn(params, x) -> outputs``, for ``'ggn'``.
+    output_loss: ``output_loss(outputs, y) -> scalar``, the mean loss of a
+      batch of outputs, for ``'ggn'``.
 
   Attributes:
     mesh: the device mesh.
@@ -160,12 +171,27 @@ class HessianOperator:
                shardings_rule: Callable = sharding_lib.infer_sharding,
                data_axis: str = "data", subset=None, show_pbar: bool = False,
                loss_rng=None, data_on_device: bool | None = None,
-               device_bytes: int = DEVICE_BYTES):
+               device_bytes: int = DEVICE_BYTES, curvature: str = "hessian",
+               model_fn: Callable | None = None,
+               output_loss: Callable | None = None):
     if not callable(loss):
       raise TypeError(f"loss must be callable, got {type(loss).__name__}.")
     if batch_parser is not None and not callable(batch_parser):
       raise TypeError("batch_parser must be callable, got "
                       f"{type(batch_parser).__name__}.")
+    if curvature not in hvp_lib.CURVATURES:
+      raise ValueError(f"curvature must be one of {hvp_lib.CURVATURES}; got "
+                       f"{curvature!r}.")
+    if curvature == "ggn" and not (callable(model_fn) and
+                                   callable(output_loss)):
+      raise TypeError(
+          "curvature='ggn' needs model_fn(params, x) -> outputs and "
+          "output_loss(outputs, y) -> scalar; got model_fn="
+          f"{type(model_fn).__name__}, output_loss="
+          f"{type(output_loss).__name__}.")
+    if curvature == "ggn" and loss_rng is not None:
+      raise ValueError("curvature='ggn' takes model_fn(params, x) without a "
+                       "PRNG key; loss_rng must be None.")
     if data_on_device not in (None, True, False):
       raise TypeError("data_on_device must be None, True or False; got "
                       f"{data_on_device!r}.")
@@ -182,7 +208,8 @@ class HessianOperator:
         in_subset=tuple(t is not None
                         for t in treedef.flatten_up_to(self.template)),
         param_shardings=tuple(treedef.flatten_up_to(full_shardings)),
-        mesh=self.mesh, data_axis=data_axis, uses_rng=loss_rng is not None)
+        mesh=self.mesh, data_axis=data_axis, uses_rng=loss_rng is not None,
+        curvature=curvature, model_fn=model_fn, output_loss=output_loss)
     self._programs = hvp_lib.programs(self.kernel)
     self._loss_rng = jax.random.key(0) if loss_rng is None else loss_rng
     self._parser = batch_parser

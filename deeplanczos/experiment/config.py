@@ -22,6 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_iterations = 30
   c.tol = 0.0  # stop early at this relative change; 0 runs every iteration
   c.subset = ""  # a regular expression on parameter paths; "" for all
+  # The matrix: 'hessian', 'ggn' (Gauss-Newton) or 'fisher' (empirical).
+  c.curvature = "hessian"
   c.lanczos = ml_collections.ConfigDict(
       {"k": 5, "which": "LA", "ncv": 0, "tol": 1e-6, "max_hvps": 300})
   c.density = ml_collections.ConfigDict(

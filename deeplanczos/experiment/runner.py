@@ -80,6 +80,9 @@ def _prepare(config):
     ``(mesh, task, shardings, dataset, train_seconds)``, the task trained.
   """
   methods_lib.check(config)
+  if config.curvature not in ("hessian", "ggn", "fisher"):
+    raise ConfigError("config.curvature must be 'hessian', 'ggn' or "
+                      f"'fisher'; got {config.curvature!r}.")
   try:
     mesh = build_mesh(config)
   except ValueError as e:
@@ -100,6 +103,9 @@ def _prepare(config):
   shardings = sharding_lib.from_metadata(
       task.params, mesh, shardings_rule=functools.partial(
           sharding_lib.infer_sharding, model_axis=config.model_axis))
+  if config.curvature == "ggn" and task.model_fn is None:
+    raise ConfigError(f"config.curvature='ggn' needs a task with model_fn and "
+                      f"output_loss; {config.task!r} has none.")
   _check_finite_loss(task, config, "at initialization")
   start = time.perf_counter()
   task = tasks_lib.train(task, config)
@@ -143,7 +149,9 @@ def _run(config, workdir, handle_sigterm, lead, mesh, task, shardings,
       task.loss, task.params, dataset, batch_parser=data_lib.parse_batch,
       mesh=mesh, shardings=shardings, data_axis=config.data_axis,
       subset=config.subset or None,
-      loss_rng=jax.random.key(config.seed + 1) if task.takes_rng else None)
+      loss_rng=jax.random.key(config.seed + 1) if task.takes_rng else None,
+      curvature=config.curvature, model_fn=task.model_fn,
+      output_loss=task.output_loss)
   check = None
   if config.get("check_operator", False):
     check = deeplanczos.check_operator(

@@ -39,6 +39,9 @@ class Task:
       training a model with state; None trains ``loss``.
     hessian_loss: ``state -> loss``, the Hessian's loss at the trained state;
       None keeps ``loss``.
+    model_fn: ``(params, x) -> outputs`` and ``output_loss: (outputs, y) ->
+      scalar``, for ``config.curvature='ggn'``; None where the task has no
+      such split.
   """
   loss: Callable
   params: Any
@@ -48,6 +51,8 @@ class Task:
   state: Any = None
   train_loss: Callable | None = None
   hessian_loss: Callable | None = None
+  model_fn: Callable | None = None
+  output_loss: Callable | None = None
 
 
 def _cross_entropy(logits, y):
@@ -58,7 +63,7 @@ def _cross_entropy(logits, y):
 def _classifier(model, x, y, config) -> Task:
   params = model.init(jax.random.key(config.seed), x[:1])
   return Task(lambda p, xb, yb: _cross_entropy(model.apply(p, xb), yb),
-              params, x, y)
+              params, x, y, model_fn=model.apply, output_loss=_cross_entropy)
 
 
 def mlp_digits(config) -> Task:

@@ -1,0 +1,100 @@
+"""Gauss-Newton and empirical Fisher operators against dense float64 ones."""
+
+import jax
+from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deeplanczos
+from deeplanczos import data as data_lib
+from tests import helpers
+
+
+def mlp():
+  loss, params, x, y = helpers.mlp_problem()
+  model = helpers.TinyMLP()
+  model_fn = model.apply
+
+  def output_loss(logits, yb):
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], axis=1))
+
+  return loss, params, x, y, model_fn, output_loss
+
+
+def dense_ggn(model_fn, output_loss, params, x, y):
+  flat, unravel = ravel_pytree(params)
+  jac = jax.jacobian(lambda f: model_fn(unravel(f), x))(flat)  # (n, c, P)
+  h_out = jax.vmap(jax.hessian(lambda o, t: output_loss(o[None], t[None])))(
+      model_fn(params, x), y)  # (n, c, c)
+  return np.asarray(jnp.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / len(y))
+
+
+def dense_fisher(loss, params, x, y):
+  flat, unravel = ravel_pytree(params)
+  g = jax.vmap(lambda xi, yi: jax.grad(
+      lambda f: loss(unravel(f), xi[None], yi[None]))(flat))(x, y)
+  return np.asarray(g.T @ g / len(y))
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "fisher"])
+def test_matches_dense_on_masked_and_full_batches(curvature):
+  loss, params, x, y, model_fn, output_loss = mlp()
+  want = (dense_ggn(model_fn, output_loss, params, x, y) if curvature == "ggn"
+          else dense_fisher(loss, params, x, y))
+  options = dict(curvature=curvature, model_fn=model_fn,
+                 output_loss=output_loss)
+  full = helpers.batches_of(x, y, [20, 20, 20])
+  masked = data_lib.batch_dataset(x, y, 16)  # last batch padded and masked
+  for data, parser in ((full, None), (masked, data_lib.parse_batch)):
+    op = deeplanczos.HessianOperator(loss, params, data, batch_parser=parser,
+                                     **options)
+    v = op.random_vector(jax.random.key(1))
+    np.testing.assert_allclose(helpers.flat(op.matvec(v)),
+                               want @ helpers.flat(v), rtol=1e-9, atol=1e-12)
+  # Every method runs on it: Lanczos' top eigenvalues are the dense ones.
+  r = deeplanczos.lanczos(loss, params, full, 3, tol=1e-10, show_pbar=False,
+                          **options)
+  np.testing.assert_allclose(r.eigenvalues, np.linalg.eigvalsh(want)[::-1][:3],
+                             rtol=1e-7)
+
+
+def test_ggn_is_positive_semidefinite_where_the_hessian_is_not():
+  loss, params, x, y, model_fn, output_loss = mlp()
+  h, _ = helpers.dense_hessian(loss, params, x, y)
+  assert np.linalg.eigvalsh(h)[0] < -1e-4  # the Hessian has negative curvature
+  r = deeplanczos.lanczos(loss, params, [(x, y)], 2, which="SA", tol=1e-8,
+                          show_pbar=False, curvature="ggn", model_fn=model_fn,
+                          output_loss=output_loss)
+  assert np.all(r.eigenvalues > -1e-10)
+
+
+def test_ggn_equals_hessian_for_a_linear_model_with_squared_loss():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(40, 5))
+  y = rng.normal(size=(40, 3))
+  params = {"w": jnp.asarray(rng.normal(size=(5, 3))),
+            "b": jnp.asarray(rng.normal(size=3))}
+  model_fn = lambda p, xb: xb @ p["w"] + p["b"]
+  output_loss = lambda out, yb: 0.5 * jnp.mean(jnp.sum((out - yb) ** 2, -1))
+  loss = lambda p, xb, yb: output_loss(model_fn(p, xb), yb)
+  data = helpers.batches_of(x, y, [16, 16, 8])
+  hessian = deeplanczos.HessianOperator(loss, params, data)
+  ggn = deeplanczos.HessianOperator(loss, params, data, curvature="ggn",
+                                    model_fn=model_fn, output_loss=output_loss)
+  v = hessian.random_vector(jax.random.key(0))
+  h, _ = helpers.dense_hessian(loss, params, x, y)
+  np.testing.assert_allclose(helpers.flat(ggn.matvec(v)),
+                             helpers.flat(hessian.matvec(v)), rtol=1e-12)
+  np.testing.assert_allclose(helpers.flat(ggn.matvec(v)),
+                             h @ helpers.flat(v), rtol=1e-12)
+
+
+def test_bad_curvature_options():
+  loss, params, x, y, model_fn, _ = mlp()
+  with pytest.raises(ValueError, match="curvature must be one of"):
+    deeplanczos.HessianOperator(loss, params, [(x, y)], curvature="gauss")
+  with pytest.raises(TypeError, match="needs model_fn"):
+    deeplanczos.HessianOperator(loss, params, [(x, y)], curvature="ggn",
+                                model_fn=model_fn)
