@@ -10,8 +10,11 @@ and package versions:
   lanczos            HVPs to converge: Lanczos, scipy eigsh, power + deflation
   memory             per-device memory on meshes of 8 fake devices
   processes          time per iteration with 1 and 2 processes on 127.0.0.1
+  large_model        a 63M-parameter Transformer, FSDP on 8 fake devices
+  projection         per-device memory and time at 1B and 7B (arithmetic)
 
   python -m benchmarks.report        (needs the bench extra: torch, pyhessian)
+  python -m benchmarks.report --reuse large_model   (keeps that part's table)
 
 Writes BENCHMARKS.md at the repository root; each table also stays in
 benchmarks/results/.
@@ -29,7 +32,7 @@ from benchmarks import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARTS = ("hvp_cost", "pyhessian_compare", "scaling", "lanczos", "memory",
-         "processes")
+         "processes", "large_model", "projection")
 RESULT = {"pyhessian_compare": "pyhessian"}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
             "numpy", "scipy", "torch", "pyhessian")
@@ -43,11 +46,13 @@ def version(name):
 
 
 def main():
+  reuse = sys.argv[sys.argv.index("--reuse") + 1:] if "--reuse" in sys.argv else []
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   sections = []
   for part in PARTS:
-    subprocess.run([sys.executable, "-m", f"benchmarks.{part}"], cwd=ROOT,
-                   env=env, check=True, stdout=subprocess.DEVNULL)
+    if part not in reuse:
+      subprocess.run([sys.executable, "-m", f"benchmarks.{part}"], cwd=ROOT,
+                     env=env, check=True, stdout=subprocess.DEVNULL)
     text = (common.RESULTS / f"{RESULT.get(part, part)}.md").read_text()
     sections.append("#" + text)  # each part's title one level down
   cpu = platform.processor() or platform.machine()

@@ -24,7 +24,9 @@ from deeplanczos._src.power import PowerResult
 from deeplanczos._src.power import power_iteration
 from deeplanczos._src.power import top_eigenvalue
 from deeplanczos._src.sharding import infer_sharding
+from deeplanczos._src.sharding import from_metadata as sharding_from_metadata
 from deeplanczos._src.sharding import make_mesh
+from deeplanczos._src.sharding import split_over_all_devices
 from deeplanczos._src.subset import path_str
 from deeplanczos._src.trace import TraceResult
 from deeplanczos._src.trace import hutchinson
@@ -54,6 +56,8 @@ __all__ = (
     "path_str",
     "power_iteration",
     "save_eigenvectors",
+    "sharding_from_metadata",
+    "split_over_all_devices",
     "spectral_density",
     "top_eigenvalue",
     "tridiagonalize",

@@ -259,3 +259,18 @@ def test_basis_is_split_over_all_devices(shape):
   vector = sharding_lib.put(params, shardings)
   assert per_device_bytes(vector) == sum(
       a.nbytes for a in jax.tree.leaves(vector)) // shape[1]
+
+
+def test_split_over_all_devices_adds_fsdp_to_tensor_parallel():
+  model = models.Transformer(vocab_size=16, max_len=8, d_model=32,
+                             num_heads=4, num_layers=1, mlp_dim=64)
+  boxed = model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32))
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  tp = deeplanczos.sharding_from_metadata(boxed, mesh)
+  params = flax.core.meta.unbox(boxed)
+  both = deeplanczos.split_over_all_devices(params, tp)
+  kernel = both["params"]["_Block_0"]["Dense_0"]["kernel"]  # (32, 96)
+  assert kernel.spec == P("data", "model")  # model from the metadata
+  placed = sharding_lib.put(params, both)
+  assert per_device_bytes(placed) <= 1.1 * sum(
+      a.nbytes for a in jax.tree.leaves(placed)) / 8

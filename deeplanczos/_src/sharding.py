@@ -270,6 +270,21 @@ def local_data_size(mesh: Mesh, data_axis: str) -> int:
   return len(coords)
 
 
+def split_over_all_devices(params, shardings):
+  """``shardings`` with every leaf also split over the axes it leaves unused.
+
+  Turns a tensor-parallel layout (split over the model axis, replicated over
+  the data axis) into FSDP plus tensor parallelism: each leaf's largest
+  dimension that an unused axis divides is split over it too.
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    shardings: their shardings, a pytree of ``NamedSharding``.
+  """
+  return jax.tree.map(lambda p, s: over_all_devices(np.shape(p), s), params,
+                      shardings)
+
+
 def stacked(shardings):
   """Shardings of vectors stacked on a leading axis: that axis unsplit."""
   return jax.tree.map(lambda s: NamedSharding(s.mesh, P(None, *s.spec)),
