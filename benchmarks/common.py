@@ -23,6 +23,15 @@ def median_seconds(fn, *args, repeats=20, warmup=2):
   return statistics.median(times)
 
 
+def per_device_bytes(tree) -> int:
+  """The most bytes of ``tree``'s arrays that any one device holds."""
+  held = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+  return max(held.values())
+
+
 def machine() -> str:
   d = jax.devices()[0]
   return (f"{d.platform} ({d.device_kind}), {jax.device_count()} devices, "

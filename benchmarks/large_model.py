@@ -35,14 +35,6 @@ from deeplanczos import models  # pylint: disable=g-import-not-at-top,wrong-impo
 VOCAB, LENGTH, SEQUENCES, BATCH = 8192, 32, 16, 8
 
 
-def per_device_bytes(tree):
-  held = {}
-  for leaf in jax.tree.leaves(tree):
-    for shard in leaf.addressable_shards:
-      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
-  return max(held.values())
-
-
 def main():
   model = models.Transformer(vocab_size=VOCAB, max_len=LENGTH, d_model=768,
                              num_heads=12, num_layers=8, mlp_dim=3072)
@@ -87,7 +79,7 @@ def main():
       ["mesh", "data=4 (FSDP), model=2 (tensor parallel)"],
       ["parameters split 8 ways", f"{split / n:.4f} of them"],
       ["per-device parameters + one vector",
-       f"{per_device_bytes((params, v)) / 2**20:.0f} MiB of "
+       f"{common.per_device_bytes((params, v)) / 2**20:.0f} MiB of "
        f"{2 * n * 4 / 2**20:.0f} MiB"],
       ["data", f"{SEQUENCES} sequences of {LENGTH} tokens, global batches of "
                f"{BATCH} ({SEQUENCES * LENGTH} tokens a pass)"],

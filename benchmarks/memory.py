@@ -16,7 +16,6 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8")
 
-import collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import flax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -28,14 +27,6 @@ from deeplanczos import models  # pylint: disable=g-import-not-at-top,wrong-impo
 from deeplanczos._src import basis as basis_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 BASIS = 21
-
-
-def per_device_bytes(trees):
-  held = collections.Counter()
-  for leaf in jax.tree.leaves(trees):
-    for shard in leaf.addressable_shards:
-      held[shard.device.id] += shard.data.nbytes
-  return max(held.values())
 
 
 def main():
@@ -57,13 +48,13 @@ def main():
       vector = deeplanczos.InitPowerMethodVector(jax.random.key(1), params)
       if total is None:
         total = sum(a.nbytes for a in jax.tree.leaves((params, vector)))
-      held = per_device_bytes((params, vector))
+      held = common.per_device_bytes((params, vector))
       cells += [f"{held / 2**20:.2f}", f"{held / total:.3f}"]
       if fsdp is None:
         basis = basis_lib.zeros(params, BASIS, shardings)
         if basis_total is None:
           basis_total = sum(a.nbytes for a in jax.tree.leaves(basis))
-        b = per_device_bytes(basis)
+        b = common.per_device_bytes(basis)
         basis_rows.append([cells[0], f"{b / 2**20:.2f}",
                            f"{basis_total / 2**20:.2f}",
                            f"{b / basis_total:.3f}", f"{1 / 8:.3f}",

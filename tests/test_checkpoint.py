@@ -121,6 +121,7 @@ def wait_for_step(proc, workdir, step, timeout=240):
     time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_killed_and_preempted_launcher_resumes_to_same_result(tmp_path):
   whole = launch(tmp_path / "whole")
   out, _ = whole.communicate(timeout=300)

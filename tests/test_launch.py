@@ -84,6 +84,7 @@ def finish(proc, timeout=300):
   return out
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   finish(launch(tmp_path / "one", 1))
   port = free_port()
@@ -100,6 +101,7 @@ def test_two_processes_match_one(tmp_path):
                              one["history"]["eigenvalue"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_fails_quickly(tmp_path):
   proc = launch(tmp_path, 2, f"--coordinator_address=127.0.0.1:{free_port()}",
                 "--num_processes=2", "--process_id=1",

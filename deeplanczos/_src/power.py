@@ -151,7 +151,10 @@ def _iterations(params, v, data, previous, tol, *, pass_fn, n):
   previous_count = jnp.where(jnp.isnan(previous), 0, 1)
   rows = jnp.full((n, 6), jnp.nan, dtype)
   carry = (0, v, previous.astype(dtype), rows, False)
-  _, v, _, rows, _ = jax.lax.while_loop(cond, body, carry)
+  if n == 1:  # no loop: XLA:CPU runs loop bodies without its fast kernels
+    _, v, _, rows, _ = body(carry)
+  else:
+    _, v, _, rows, _ = jax.lax.while_loop(cond, body, carry)
   return v, rows
 
 
@@ -223,11 +226,13 @@ def power_iteration(op: operator_lib.HessianOperator, *,
     show_pbar: a tqdm bar over iterations, with the current eigenvalue.
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``: the state is
       saved after iterations and restored, if saved before, at the start.
-    iterations_per_call: with the data on the devices, run up to this many
-      iterations in one compiled loop, with one host read for all of them
-      (worth it on GPU and TPU; XLA:CPU runs loop bodies without its fast
-      kernels). The numbers are those of one iteration per call, to
-      rounding; checkpoints and the progress bar then advance by that many.
+    iterations_per_call: with the data on the devices (in one program), an
+      iteration is one compiled program, the pass and the update, with one
+      host read; this runs up to that many iterations in one compiled loop
+      and one host read for all of them (XLA:CPU runs loop bodies without
+      its fast kernels: it pays there for dense layers, not convolutions).
+      The numbers are the same to rounding; checkpoints and the progress
+      bar then advance by that many.
 
   Returns:
     A :class:`PowerResult`.
@@ -246,7 +251,7 @@ def power_iteration(op: operator_lib.HessianOperator, *,
     raise ValueError(f"tol must be a non-negative number, got {tol!r}.")
   _check_count("iterations_per_call", iterations_per_call)
   one = lambda op, s: step(op, s, tol=tol)
-  if iterations_per_call > 1 and op.pass_program() is not None:
+  if op.pass_program() is not None:  # one program and one host read a call
     one = lambda op, s: steps(
         op, s, tol=tol, n=min(iterations_per_call, num_iterations - s.count))
   method = driver.Method(
