@@ -60,7 +60,9 @@ def main():
       "# deeplanczos benchmarks",
       "",
       f"Measured {datetime.date.today()} in one run of "
-      "`python -m benchmarks.report`, all on one machine: "
+      "`python -m benchmarks.report`"
+      + (f" (keeping the tables of {', '.join(reuse)} from their own run "
+         "the same day)" if reuse else "") + ", all on one machine: "
       f"{os.cpu_count()} CPU cores ({cpu}), no accelerator; Python "
       f"{platform.python_version()}; "
       + ", ".join(f"{p} {version(p)}" for p in PACKAGES) + ".",

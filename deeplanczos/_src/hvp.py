@@ -169,7 +169,7 @@ class Stats(NamedTuple):
   bad: jax.Array  # the first batch with a non-finite product, or -1
 
 
-def _add(kernel, acc, stats, hv, value, count, index):
+def _add(acc, stats, hv, value, count, index):
   finite = jnp.isfinite(value)
   for leaf in jax.tree.leaves(hv):
     finite &= jnp.all(jnp.isfinite(leaf))
@@ -238,7 +238,7 @@ def _scan(kernel, params, v, carry, segment, loss_rng, padded, unroll):
     x, y, w, index = batch
     hv, value, count = local_hvp(kernel, params, v, x, y, w, index, loss_rng,
                                  padded=padded)
-    return _add(kernel, *carry, hv, value, count, index), None
+    return _add(*carry, hv, value, count, index), None
   carry, _ = lax.scan(body, carry, tuple(segment), unroll=unroll)
   return carry
 
@@ -287,7 +287,7 @@ def programs(kernel: Kernel) -> Programs:
       acc, stats = unlead((acc, stats))
       hv, value, count = local_hvp(kernel, params, v, x, y, w, index,
                                    loss_rng, padded=padded)
-      return lead(_add(kernel, acc, stats, hv, value, count, index))
+      return lead(_add(acc, stats, hv, value, count, index))
     return jax.shard_map(
         local, mesh=mesh,
         in_specs=(P(), P(), data, data, data, data, data, P(), P()),
