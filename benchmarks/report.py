@@ -59,10 +59,14 @@ def main():
   header = [
       "# deeplanczos benchmarks",
       "",
-      f"Measured {datetime.date.today()} in one run of "
-      "`python -m benchmarks.report`"
-      + (f" (keeping the tables of {', '.join(reuse)} from their own run "
-         "the same day)" if reuse else "") + ", all on one machine: "
+      (f"Measured {datetime.date.today()} in one run of "
+       "`python -m benchmarks.report`" if not reuse else
+       f"Assembled {datetime.date.today()} by `python -m benchmarks.report "
+       "--reuse ...` from the tables in benchmarks/results/ ("
+       + (", ".join(p for p in PARTS if p not in reuse) or "no part")
+       + " measured in this run; " + ", ".join(reuse)
+       + " kept from earlier runs on the same machine that day)")
+      + ", all on one machine: "
       f"{os.cpu_count()} CPU cores ({cpu}), no accelerator; Python "
       f"{platform.python_version()}; "
       + ", ".join(f"{p} {version(p)}" for p in PACKAGES) + ".",
