@@ -211,6 +211,7 @@ class HessianOperator:
         mesh=self.mesh, data_axis=data_axis, uses_rng=loss_rng is not None,
         curvature=curvature, model_fn=model_fn, output_loss=output_loss)
     self._programs = hvp_lib.programs(self.kernel)
+    self._params_spec = _spec(self.params)  # checked against each batch
     self._loss_rng = jax.random.key(0) if loss_rng is None else loss_rng
     self._parser = batch_parser
     self._passes = batches_lib.Passes(batch_iterable)
@@ -261,7 +262,7 @@ class HessianOperator:
 
   def _check_loss(self, x, y, n):
     out = _loss_output(self.kernel.loss, self.kernel.uses_rng,
-                       _spec(self.params), _spec((x, y)))
+                       self._params_spec, _spec((x, y)))
     if not (hasattr(out, "shape") and out.shape == ()
             and jnp.issubdtype(out.dtype, jnp.floating)):
       got = getattr(out, "shape", type(out).__name__)
