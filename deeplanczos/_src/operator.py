@@ -222,7 +222,8 @@ class HessianOperator:
         jnp.result_type(*jax.tree.leaves(self.template))))
     self._on_device = data_on_device
     self._device_bytes = device_bytes
-    self._segments = None  # (segments, padded flags) once on the devices
+    self._segments = None  # (segments, padded, unroll) once on the devices
+    self._whole = None  # the pass as one program, where it fits one
     self.num_matvecs = 0
     self.num_examples = None
     self.loss_value = None
@@ -300,23 +301,23 @@ class HessianOperator:
     if not kept:
       self._no_batches(where)
     self._on_device = True
-    cpu = self.mesh.devices.flat[0].platform == "cpu"
-    self._segments = batches_lib.stack(
-        kept, self.mesh, self.kernel.data_axis,
-        max_length=SEGMENT_CPU if cpu else len(kept))
-
-  def _device_pass(self, v):
-    segments, padded = self._segments
     # XLA:CPU runs a loop's body without its fast (multi-threaded)
     # convolutions and matmuls, so there every scan is unrolled: a pass of at
     # most SEGMENT_CPU batches is one program, a longer one a program per
     # SEGMENT_CPU batches. Elsewhere a pass is one program of rolled scans.
     cpu = self.mesh.devices.flat[0].platform == "cpu"
+    segments, padded = batches_lib.stack(
+        kept, self.mesh, self.kernel.data_axis,
+        max_length=SEGMENT_CPU if cpu else len(kept))
     unroll = tuple(len(s.index) if cpu else 1 for s in segments)
+    self._segments = segments, padded, unroll
     if not cpu or sum(unroll) <= SEGMENT_CPU:
-      return self._programs.device_pass(self.params, v, segments,
-                                        self._loss_rng, padded=padded,
-                                        unroll=unroll)
+      self._whole = PassFn(self._programs, padded, unroll)
+
+  def _device_pass(self, v):
+    segments, padded, unroll = self._segments
+    if self._whole is not None:
+      return self._whole(self.params, v, (segments, self._loss_rng))
     acc, stats = self._programs.start(v, weight_dtype=self._weight_dtype)
     for segment, is_padded, n in zip(segments, padded, unroll):
       acc, stats = self._programs.segment_step(
@@ -381,14 +382,9 @@ class HessianOperator:
     """
     if self._on_device is not False and self._segments is None:
       self._load("")
-    if self._segments is None:
+    if self._segments is None or self._whole is None:
       return None
-    segments, padded = self._segments
-    cpu = self.mesh.devices.flat[0].platform == "cpu"
-    unroll = tuple(len(s.index) if cpu else 1 for s in segments)
-    if cpu and sum(unroll) > SEGMENT_CPU:
-      return None
-    return PassFn(self._programs, padded, unroll), (segments, self._loss_rng)
+    return self._whole, (self._segments[0], self._loss_rng)
 
   def check_vector(self, v, name: str = "V0"):
     """Validates a user's vector against ``template`` and places it."""
