@@ -9,28 +9,94 @@ checkpoint continues the same sequence of operations, so it ends bit for bit
 where an uninterrupted run would (same mesh, same process count).
 
 Orbax writes a step into a temporary directory and renames it once complete,
-so a step half-written when the process died is never listed; a newest step
-that fails to load all the same is skipped for the one before it.
+so a step half-written when the process died is never listed. Every step also
+carries checksums of its host values and of each array (computed on the
+devices, the same on any mesh), verified when it is restored: a step that
+fails to load, or loads with other contents than were saved (a flipped digit,
+overwritten bytes, an emptied file), is skipped with a warning for the one
+before it.
 """
 
+import hashlib
 import json
 import os
+import shutil
 
 from absl import logging
 import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from deeplanczos._src import sharding as sharding_lib
 
 
 class Preempted(Exception):  # pylint: disable=g-bad-exception-name
-  """Raised after the checkpoint that a SIGTERM asked for is written."""
+  """Raised where a run stops for a SIGTERM, with nothing lost.
 
-  def __init__(self, step):
-    super().__init__(f"stopped by SIGTERM after saving step {step}")
+  Attributes:
+    step: the checkpoint step saved for it, or None when the SIGTERM came
+      outside a method's steps (start-up, training, the wrap-up), where the
+      run stops at the next phase and keeps what it had saved.
+    where: that phase, for messages.
+  """
+
+  def __init__(self, step, where=""):
+    super().__init__(f"stopped by SIGTERM after saving step {step}"
+                     if step is not None else f"stopped by SIGTERM {where}")
     self.step = step
+    self.where = where
 
 
 class Mismatch(ValueError):
   """A checkpoint written by another run: another config, model or mesh."""
+
+
+class WriteError(RuntimeError):
+  """A checkpoint could not be written (a full disk, a lost file system)."""
+
+
+def _words(x):
+  """``x``'s bits as uint32 words: the array's own shape, plus a trailing
+  axis of 2 for 64-bit types."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  if size == 8:
+    return lax.bitcast_convert_type(x, jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+  return lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def array_checksum(x):
+  """Two position-weighted sums of ``x``'s bits, modulo ``2**32``.
+
+  Each word is weighted by an odd number depending on its position, so a
+  change of any single word always changes both sums, and swapped words
+  change them too. Integer sums do not depend on the order of reduction: the
+  checksum is the same on any mesh and sharding, and no array is gathered.
+  """
+  words = _words(x)
+  position = jnp.zeros(words.shape, jnp.uint32)
+  for d in range(words.ndim):
+    position = position * jnp.uint32(words.shape[d]) + lax.broadcasted_iota(
+        jnp.uint32, words.shape, d)
+  weights = (position * jnp.uint32(2654435761) | jnp.uint32(1),
+             (position ^ jnp.uint32(0x9E3779B9)) * jnp.uint32(40503)
+             | jnp.uint32(1))
+  return jnp.stack([jnp.sum(words * w, dtype=jnp.uint32) for w in weights])
+
+
+def _checksums(arrays: dict) -> dict:
+  return {name: sharding_lib.host_value(array_checksum(a)).tolist()
+          for name, a in sorted(arrays.items())}
+
+
+def _meta_digest(meta: dict) -> str:
+  text = json.dumps(meta, sort_keys=True, allow_nan=True)
+  return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _differences(saved, current, prefix=""):
@@ -68,6 +134,7 @@ class Checkpointer:
     self.every = every
     self.handle_sigterm = handle_sigterm
     self.fingerprint = json.loads(json.dumps(fingerprint or {}))
+    self._last_saved = None
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(
@@ -75,23 +142,102 @@ class Checkpointer:
             enable_async_checkpointing=False))
 
   def save(self, step: int, arrays: dict, meta: dict):
-    """Writes ``step``: ``arrays`` (device arrays) and ``meta`` (JSON)."""
-    items = {"meta": ocp.args.JsonSave({**meta,
-                                        "fingerprint": self.fingerprint})}
+    """Writes ``step``: ``arrays`` (device arrays) and ``meta`` (JSON).
+
+    Raises:
+      WriteError: the step could not be written (the message names the
+        directory, the free space left and the last good step).
+    """
+    meta = json.loads(json.dumps({**meta, "fingerprint": self.fingerprint}))
+    meta["checksum"] = {"meta": _meta_digest(meta),
+                        "arrays": _checksums(arrays)}
+    items = {"meta": ocp.args.JsonSave(meta)}
     if arrays:
       items["arrays"] = ocp.args.StandardSave(arrays)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-    self._manager.wait_until_finished()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise WriteError(self._write_failure(step, e)) from e
+    self._last_saved = step
+
+  def _write_failure(self, step, error) -> str:
+    directory = str(self._manager.directory)
+    try:
+      free = shutil.disk_usage(directory).free
+    except OSError:
+      free = None
+    reason = str(error).strip().splitlines()[0][:300] if str(error) else ""
+    full = "no space left" in str(error).lower() or free is not None and (
+        free < 1 << 20)
+    last = self._last_saved
+    if last is None:
+      last = self._manager.latest_step()
+    return (f"Cannot write checkpoint step {step} in {directory}"
+            + (f": the disk is full ({free} bytes free)" if full else "")
+            + f" ({type(error).__name__}: {reason}). "
+            + ("No earlier step was saved." if last is None else
+               f"The last good step is {last}; free some space and run the "
+               "same command again to resume from it."))
+
+  def _verified_meta(self, step):
+    """Step ``step``'s JSON, or None (with a warning) if it is damaged."""
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("Checkpoint step %d cannot be read (%s: %s); trying "
+                      "an older one.", step, type(e).__name__, e)
+      return None
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    checksum = meta.pop("checksum", None)
+    if not (isinstance(checksum, dict) and
+            checksum.get("meta") == _meta_digest(meta)):
+      logging.warning(
+          "Checkpoint step %d in %s is damaged: its saved values do not "
+          "match their checksum%s; trying an older one.", step,
+          self._manager.directory,
+          "" if checksum else " (it has none: empty, or not written by "
+          "deeplanczos 0.3 or later)")
+      return None
+    meta["checksum"] = checksum
+    return meta
+
+  def check_fingerprint(self):
+    """Raises :class:`Mismatch` if the newest intact step is another run's.
+
+    Reads the steps' JSON only, so a run can refuse a workdir before any
+    expensive work (training, compiling).
+    """
+    self._manager.reload()
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      meta = self._verified_meta(step)
+      if meta is not None:
+        self._refuse_other_run(meta)
+        return
+
+  def _refuse_other_run(self, meta):
+    changed = _differences(meta.get("fingerprint", {}), self.fingerprint)
+    if changed:
+      raise Mismatch(
+          f"The checkpoints in {self._manager.directory} were written by "
+          "another run; resuming them would mix two computations. What "
+          "changed: " + "; ".join(changed) + ". Use another workdir, or "
+          "delete the checkpoints to start afresh.")
 
   def restore(self, like: dict):
-    """The newest loadable ``(arrays, meta)``, or None to start afresh.
+    """The newest intact ``(arrays, meta)``, or None to start afresh.
+
+    A step that cannot be read, or whose host values or arrays do not match
+    the checksums saved with them, is skipped (with a warning) for the one
+    before it.
 
     Args:
       like: arrays shaped and sharded like the saved ones (the fresh state);
         empty when the state is host values alone.
 
     Raises:
-      Mismatch: the newest readable step was saved with another fingerprint.
+      Mismatch: the newest intact step was saved with another fingerprint.
     """
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -100,32 +246,50 @@ class Checkpointer:
     if target:
       items["arrays"] = ocp.args.StandardRestore(target)
     self._manager.reload()
-    for step in sorted(self._manager.all_steps(), reverse=True):
-      try:
-        meta = self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning("Checkpoint step %d cannot be read (%s: %s); trying "
-                        "an older one.", step, type(e).__name__, e)
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    damaged = []
+    for step in steps:
+      meta = self._verified_meta(step)
+      if meta is None:
+        damaged.append(step)
         continue
-      changed = _differences(meta.get("fingerprint", {}), self.fingerprint)
-      if changed:
-        raise Mismatch(
-            f"The checkpoints in {self._manager.directory} were written by "
-            "another run; resuming them would mix two computations. What "
-            "changed: " + "; ".join(changed) + ". Use another workdir, or "
-            "delete the checkpoints to start afresh.")
+      self._refuse_other_run(meta)
       try:
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Checkpoint step %d cannot be loaded (%s: %s); "
                         "trying an older one.", step, type(e).__name__, e)
+        damaged.append(step)
         continue
+      arrays = out.get("arrays") if target else {}
+      saved = meta["checksum"]["arrays"]
+      found = _checksums(arrays)
+      if found != saved:
+        names = sorted(k for k in set(found) | set(saved)
+                       if found.get(k) != saved.get(k))
+        logging.warning(
+            "Checkpoint step %d in %s is damaged: %d of its arrays do not "
+            "match their checksums; trying an older one.", step,
+            self._manager.directory, len(names))
+        damaged.append(step)
+        continue
+      self._remove(damaged)
       logging.info("Resuming from checkpoint step %d.", step)
-      meta = dict(out["meta"])
-      meta.pop("fingerprint", None)
-      return (out.get("arrays") if target else {}), meta
+      for key in ("fingerprint", "checksum"):
+        meta.pop(key)
+      self._last_saved = step
+      return arrays, meta
+    if steps:
+      logging.warning("No checkpoint in %s could be used (%d damaged); "
+                      "starting afresh.", self._manager.directory, len(steps))
+      self._remove(damaged)
     return None
+
+  def _remove(self, damaged):
+    """Deletes damaged steps, whose numbers the resumed run will write."""
+    for step in damaged:
+      logging.warning("Removing damaged checkpoint step %d.", step)
+      self._manager.delete(step)
 
   def close(self):
     self._manager.close()
