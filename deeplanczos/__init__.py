@@ -13,6 +13,7 @@ from deeplanczos._src.checks import OperatorCheck
 from deeplanczos._src.checks import check_operator
 from deeplanczos._src.density import DensityResult
 from deeplanczos._src.density import spectral_density
+from deeplanczos._src.lanczos import ConvergenceWarning
 from deeplanczos._src.lanczos import Decomposition
 from deeplanczos._src.lanczos import LanczosResult
 from deeplanczos._src.lanczos import lanczos
@@ -37,6 +38,7 @@ from deeplanczos.eigenvectors import save_eigenvectors
 __version__ = "0.2.0"
 
 __all__ = (
+    "ConvergenceWarning",
     "Decomposition",
     "DensityResult",
     "HessianOperator",

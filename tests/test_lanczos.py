@@ -295,3 +295,40 @@ def test_breakdown_continues_orthogonal_to_the_basis():
   assert abs(helpers.flat(other) @ v) < 0.99  # a fresh direction each time
   assert not np.array_equal(jax.random.key_data(next_key),
                             jax.random.key_data(key))
+
+
+def test_converged_means_the_explicit_residuals_meet_tol(mlp):
+  """The recurrence converges, but ``H v`` at the end is 10% off."""
+  loss, params, batches, _, _, _ = mlp
+  op = deeplanczos.HessianOperator(loss, params, batches)
+  exact = op.matvec
+
+  def skewed(v, *, where=""):
+    hv = exact(v, where=where)
+    return hv if "eigenpair" not in where else jax.tree.map(
+        lambda a: 1.1 * a, hv)
+
+  op.matvec = skewed
+  with pytest.warns(deeplanczos.ConvergenceWarning,
+                    match=r"pairs 0 \(eigenvalue .*relative residual 0.1\)"):
+    r = deeplanczos.lanczos(op, 3, tol=1e-6, show_pbar=False)
+  assert not r.converged
+  np.testing.assert_allclose(r.residuals / np.abs(r.eigenvalues), 0.1,
+                             rtol=1e-6)
+  assert np.all(r.residual_estimates <= 1e-6 * np.abs(r.eigenvalues))
+
+
+def test_a_short_budget_returns_only_the_pairs_found(mlp):
+  loss, params, batches, h, _, _ = mlp
+  with pytest.warns(deeplanczos.ConvergenceWarning,
+                    match="found 2 of the 3 pairs asked for"):
+    r = deeplanczos.lanczos(loss, params, batches, 3, max_hvps=2,
+                            show_pbar=False)
+  assert not r.converged
+  assert len(r.eigenvalues) == len(r.residuals) == 2
+  vectors = unstack(r.eigenvectors, 2)
+  assert all(leaf.shape[0] == 2 for leaf in jax.tree.leaves(r.eigenvectors))
+  for lam, v, res in zip(r.eigenvalues, vectors, r.residuals):
+    np.testing.assert_allclose(np.linalg.norm(v), 1, rtol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(h @ v - lam * v), res,
+                               rtol=1e-8)

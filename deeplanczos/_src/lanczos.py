@@ -20,6 +20,7 @@ on the host.
 """
 
 from typing import Any, NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -36,23 +37,37 @@ from deeplanczos._src import tree_math
 WHICH = ("LA", "SA", "LM")
 
 
+class ConvergenceWarning(UserWarning):
+  """A method returned fewer pairs than asked, or pairs short of ``tol``."""
+
+
 class LanczosResult(NamedTuple):
   """Eigenpairs from :func:`lanczos`.
 
+  A result holds exactly the pairs it found: ``k`` of them, or fewer (with a
+  :class:`ConvergenceWarning`) when ``max_hvps`` ran out before ``k`` Ritz
+  values existed.
+
   Attributes:
-    eigenvalues: ``(k,)`` float64, ordered as ``which`` asks: ``'LA'``
-      descending, ``'SA'`` ascending, ``'LM'`` by descending magnitude.
+    eigenvalues: ``(p,)`` float64, ``p <= k``, ordered as ``which`` asks:
+      ``'LA'`` descending, ``'SA'`` ascending, ``'LM'`` by descending
+      magnitude.
     eigenvectors: a pytree shaped like the parameters with a leading axis of
-      ``k``; ``jax.tree.map(lambda x: x[i], eigenvectors)`` is the ``i``-th
+      ``p``; ``jax.tree.map(lambda x: x[i], eigenvectors)`` is the ``i``-th
       unit eigenvector, with the parameters' shardings.
-    residuals: ``(k,)``, ``||H v_i - lambda_i v_i||`` of each returned pair,
-      computed explicitly (``k`` more products) in the working precision.
-    residual_estimates: ``(k,)``, the same from the recurrence
+    residuals: ``(p,)``, ``||H v_i - lambda_i v_i||`` of each returned pair,
+      computed explicitly (``p`` more products) in the working precision.
+    residual_estimates: ``(p,)``, the same from the recurrence
       (``|beta s_{m,i}|``), which the stopping rule uses; it can fall below
-      what the working precision attains, so trust ``residuals``.
+      what the working precision attains, so ``converged`` trusts
+      ``residuals``.
     num_hvps: Hessian-vector products used, each one full pass over the data
-      (the ``k`` of the explicit residuals included).
-    converged: whether every pair met ``residual <= tol * |lambda|``.
+      (the ``p`` of the explicit residuals included).
+    converged: whether ``k`` pairs were found and every explicit residual
+      meets ``tol``: ``residual_i <= max(tol |lambda_i|, 10 eps
+      |lambda|_max)``, the second term the working precision's floor
+      (``eps`` of the vectors' dtype). Otherwise a
+      :class:`ConvergenceWarning` names the pairs that do not.
     ritz_history: ``(steps, k)`` the wanted Ritz values after every step
       (NaN before ``k`` exist), to see convergence.
     gap_ratio: ``lambda_1 / lambda_2``: near 1 means the top two are close
@@ -288,13 +303,40 @@ def _residual(hv, v, lam):
   return tree_math.tree_norm(tree_math.tree_axpy(-lam, v, hv))
 
 
+def meets_tol(lam, residuals, tol, dtype):
+  """Whether each explicit residual meets ``tol`` (see ``converged``)."""
+  lam = np.asarray(lam, np.float64)
+  floor = 10 * float(jnp.finfo(dtype).eps) * np.abs(lam).max(initial=0.0)
+  return np.asarray(residuals) <= np.maximum(tol * np.abs(lam), floor)
+
+
+def warn_unconverged(name, k, lam, residuals, ok, tol, why):
+  """A :class:`ConvergenceWarning` naming what fell short, if anything did."""
+  problems = []
+  if len(lam) < k:
+    problems.append(f"found {len(lam)} of the {k} pairs asked for")
+  bad = np.flatnonzero(~ok)
+  if len(bad):
+    relative = np.asarray(residuals) / np.maximum(np.abs(lam), 1e-300)
+    problems.append("pairs " + ", ".join(
+        f"{i} (eigenvalue {lam[i]:.6g}, relative residual {relative[i]:.2g})"
+        for i in bad) + f" do not meet tol={tol:g}")
+  if problems:
+    warnings.warn(f"{name}: " + "; ".join(problems) + f" ({why}).",
+                  ConvergenceWarning, stacklevel=5)
+
+
 def result(op, state: LanczosState, run: driver.Run,
            opts: _Options) -> LanczosResult:
-  """Ritz pairs of the last ``T``, each checked with one more product."""
+  """Ritz pairs of the last ``T``, each checked with one more product.
+
+  ``converged`` comes from those explicit residuals, not from the
+  recurrence's estimates.
+  """
   theta, s, res = ritz(state.t, state.j, state.beta)
   wanted = order(theta, opts.which)[:opts.k]
-  y = np.zeros((opts.size + 1, opts.k))
-  y[:state.j + 1, :len(wanted)] = s[:, wanted]
+  y = np.zeros((opts.size + 1, len(wanted)))
+  y[:state.j + 1] = s[:, wanted]
   dtype = jax.tree.leaves(state.basis)[0].dtype
   vectors = sharding_lib.put(basis_lib.combine(state.basis,
                                                jnp.asarray(y, dtype)),
@@ -305,10 +347,17 @@ def result(op, state: LanczosState, run: driver.Run,
           op.matvec(basis_lib.get(vectors, i), where=f"for eigenpair {i}"),
           basis_lib.get(vectors, i), lam[i])))
       for i in range(len(lam))])
+  ok = meets_tol(lam, residuals, opts.tol, dtype)
+  converged = len(lam) == opts.k and bool(np.all(ok))
+  if not converged:
+    warn_unconverged(
+        f"lanczos {opts.which} k={opts.k}", opts.k, lam, residuals, ok,
+        opts.tol, f"{run.num_hvps} products" + (
+            ", max_hvps reached" if run.stopped_by == "max_hvps" else ""))
   return LanczosResult(
       eigenvalues=lam, eigenvectors=vectors, residuals=residuals,
       residual_estimates=res[wanted], num_hvps=run.num_hvps + len(lam),
-      converged=state.converged, ritz_history=state.ritz[:state.num_steps],
+      converged=converged, ritz_history=state.ritz[:state.num_steps],
       gap_ratio=float(lam[0] / lam[1]) if len(lam) > 1 and lam[1] else np.inf,
       loss=op.loss_value)
 
