@@ -148,3 +148,72 @@ def test_tracker_warm_start_from_the_last_eigenvector():
   u = helpers.flat(v_warm)
   assert np.linalg.norm(h @ u - warm * u) < 1e-3 * abs(top)
   assert lam != warm
+
+
+NAN_METHODS = {
+    "power": lambda op: deeplanczos.power_iteration(op, num_iterations=3,
+                                                    show_pbar=False),
+    "power, 3 per call": lambda op: deeplanczos.power_iteration(
+        op, num_iterations=3, iterations_per_call=3, show_pbar=False),
+    "lanczos": lambda op: deeplanczos.lanczos(op, 2, show_pbar=False),
+    "density": lambda op: deeplanczos.spectral_density(
+        op, num_probes=2, num_steps=3, show_pbar=False),
+    "hutchpp": lambda op: deeplanczos.hutchpp(op, num_hvps=6,
+                                              show_pbar=False),
+    "hutchinson": lambda op: deeplanczos.hutchinson(op, num_probes=3,
+                                                    show_pbar=False),
+}
+
+
+@pytest.mark.parametrize("data_on_device", [True, False])
+@pytest.mark.parametrize("where", ["data", "parameters"])
+@pytest.mark.parametrize("method", sorted(NAN_METHODS))
+def test_non_finite_input_is_named_on_every_path(method, where,
+                                                 data_on_device):
+  loss, params, x, y = helpers.mlp_problem(dtype=np.float32)
+  if where == "data":
+    x = x.copy()
+    x[25, 0] = np.nan  # in batch 1
+  else:
+    params = jax.tree.map(lambda a: a.at[0].set(np.inf), params)
+  op = deeplanczos.HessianOperator(loss, params,
+                                   helpers.batches_of(x, y, [20, 20, 20]),
+                                   data_on_device=data_on_device)
+  batch = 1 if where == "data" else 0
+  with pytest.raises(ValueError, match=rf"^Non-finite Hessian-vector product "
+                     rf".* at batch {batch}: the loss or its derivatives"):
+    NAN_METHODS[method](op)
+
+
+def test_float32_eigenvalue_near_1e20():
+  loss, params, x, y = helpers.mlp_problem(dtype=np.float32)
+  h, _ = helpers.dense_hessian(loss, jax.tree.map(
+      lambda a: a.astype(np.float64), params), x.astype(np.float64), y)
+  top = np.linalg.eigvalsh(h)[::-1][:2]
+  big = lambda p, xb, yb: 1e20 * loss(p, xb, yb)
+  data = helpers.batches_of(x, y, [20, 20, 20])
+  r = deeplanczos.power_iteration(big, params, data, num_iterations=200,
+                                  show_pbar=False)
+  np.testing.assert_allclose(r.eigenvalue, 1e20 * top[0], rtol=1e-4)
+  np.testing.assert_allclose(r.alpha[-1], (1e20 * top[0]) ** 2, rtol=1e-3)
+  lz = deeplanczos.lanczos(big, params, data, 2, show_pbar=False)
+  np.testing.assert_allclose(lz.eigenvalues, 1e20 * top, rtol=1e-4)
+
+
+@pytest.mark.parametrize("params,batches,message", [
+    ({"w": np.ones(3, np.int32)}, None,
+     r"floating-point array; the one at \['w'\] is int32 of shape \(3,\)"),
+    ({}, None, r"The parameters hold no arrays \(got dict \{\}\)"),
+    (None, [(np.ones((4, 4)), np.zeros(4, int)), (np.ones((4, 3)),
+                                                  np.zeros(4, int))],
+     r"Batch 1 has x of per-example shape \(3,\) where batch 0 has \(4,\)"),
+    (None, [(np.ones((4, 3)), np.zeros(4, int))],
+     r"loss\(params, x, y\) fails on batch 0 \(x \(4, 3\) float64"),
+])
+def test_bad_parameters_and_batches_are_named(params, batches, message):
+  loss, mlp_params, x, y = helpers.mlp_problem()
+  params = mlp_params if params is None else params
+  batches = [(x, y)] if batches is None else batches
+  with pytest.raises((ValueError, TypeError), match=message):
+    deeplanczos.power_iteration(loss, params, batches, num_iterations=2,
+                                show_pbar=False)

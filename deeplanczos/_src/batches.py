@@ -83,6 +83,31 @@ def parse(batch, parser):
   return x, y, mask, n
 
 
+def shapes(tree) -> str:
+  """``tree``'s shapes and dtypes, for messages."""
+  leaves = jax.tree.leaves(tree)
+  text = [f"{np.shape(l)} {np.result_type(l)}" for l in leaves]
+  return text[0] if len(text) == 1 else "[" + ", ".join(text) + "]"
+
+
+def check_features(x, y, index, first):
+  """Refuses a batch whose per-example shapes differ from batch 0's.
+
+  Returns:
+    The per-example shapes of batch 0, ``(x, y)`` as strings.
+  """
+  per_example = tuple(str(jax.tree.map(lambda a: np.shape(a)[1:], t))
+                      for t in (x, y))
+  if first is not None and per_example != first:
+    name = "x" if per_example[0] != first[0] else "y"
+    raise ValueError(
+        f"Batch {index} has {name} of per-example shape "
+        f"{per_example[name == 'y']} where batch 0 has {first[name == 'y']}: "
+        "every batch must have the same feature shapes (only the number of "
+        "examples may differ).")
+  return per_example if first is None else first
+
+
 class HostBatch(NamedTuple):
   """One batch as this process holds it, padded, with example weights.
 

@@ -261,9 +261,16 @@ class HessianOperator:
     other.num_matvecs, other.loss_value = 0, None
     return other
 
-  def _check_loss(self, x, y, n):
-    out = _loss_output(self.kernel.loss, self.kernel.uses_rng,
-                       self._params_spec, _spec((x, y)))
+  def _check_loss(self, x, y, n, index):
+    try:
+      out = _loss_output(self.kernel.loss, self.kernel.uses_rng,
+                         self._params_spec, _spec((x, y)))
+    except Exception as e:  # pylint: disable=broad-except
+      lines = str(e).strip().splitlines() or [""]
+      raise ValueError(
+          f"loss(params, x, y) fails on batch {index} (x "
+          f"{batches_lib.shapes(x)}, y {batches_lib.shapes(y)}): "
+          f"{type(e).__name__}: {lines[0][:300]}") from e
     if not (hasattr(out, "shape") and out.shape == ()
             and jnp.issubdtype(out.dtype, jnp.floating)):
       got = getattr(out, "shape", type(out).__name__)
@@ -272,9 +279,11 @@ class HessianOperator:
                        f"it returned {got} {getattr(out, 'dtype', '')}.")
 
   def _host_batches(self):
-    for batch in self._passes():
+    first = None
+    for index, batch in enumerate(self._passes()):
       x, y, mask, n = batches_lib.parse(batch, self._parser)
-      self._check_loss(x, y, n)
+      first = batches_lib.check_features(x, y, index, first)
+      self._check_loss(x, y, n, index)
       yield batches_lib.to_host_batch(x, y, mask, n,
                                       local_data=self._local_data,
                                       weight_dtype=self._weight_dtype)

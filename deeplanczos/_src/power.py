@@ -67,13 +67,22 @@ class PowerState(NamedTuple):
 
 @jax.jit
 def _update(v, hv):
-  """``lambda = <v, Hv>``, ``alpha = ||Hv||^2``, ``v' = Hv / ||Hv||``, ``q = |<v, v'>|``."""
+  """``lambda = <v, Hv>``, ``||Hv||``, ``v' = Hv / ||Hv||``, ``q = |<v, v'>|``.
+
+  The host squares the norm into ``alpha`` in float64: ``||Hv||^2``
+  overflows float32 for eigenvalues beyond about ``1e19``, ``||Hv||`` not.
+  """
   eigenvalue = tree_math.tree_vdot(v, hv)
-  alpha = tree_math.tree_vdot(hv, hv)
-  norm = jnp.sqrt(alpha)
+  norm = tree_math.tree_norm(hv)
   new_v = tree_math.tree_scale(hv, 1.0 / jnp.where(norm > 0, norm, 1.0))
   q = jnp.abs(tree_math.tree_vdot(v, new_v))
-  return new_v, jnp.stack([eigenvalue, alpha, q])
+  return new_v, jnp.stack([eigenvalue, norm, q])
+
+
+def _null_space(k):
+  return ValueError(
+      f"H v = 0 at iteration {k}: the vector lies in the Hessian's null "
+      "space. Start from another V0 or key.")
 
 
 @jax.jit
@@ -111,11 +120,10 @@ def step(op, state: PowerState, *, tol: float | None) -> PowerState:
   k = state.count
   hv = op.matvec(state.v, where=f"at iteration {k}")
   new_v, stats = _update(state.v, hv)
-  eigenvalue, alpha, q = sharding_lib.host_value(stats).astype(float)
-  if alpha == 0:
-    raise ValueError(
-        f"H v = 0 at iteration {k}: the vector lies in the Hessian's null "
-        "space. Start from another V0 or key.")
+  eigenvalue, norm, q = sharding_lib.host_value(stats).astype(float)
+  if norm == 0:
+    raise _null_space(k)
+  alpha = norm ** 2
   eigenvalues, alphas, qs = (a.copy() for a in (state.eigenvalues,
                                                  state.alpha, state.q))
   eigenvalues[k], alphas[k], qs[k] = eigenvalue, alpha, q
@@ -130,7 +138,8 @@ def _iterations(params, v, data, previous, tol, *, pass_fn, n):
   """Up to ``n`` iterations in one program, stopping where :func:`step` would.
 
   Returns the last vector and an ``(n, 6)`` buffer of rows
-  ``[lambda, alpha, q, count, loss, bad]``, NaN after the last iteration run.
+  ``[lambda, ||Hv||, q, count, loss, bad]``, NaN after the last iteration
+  run.
   """
   def cond(carry):
     k, _, _, _, stop = carry
@@ -174,15 +183,13 @@ def steps(op, state: PowerState, *, tol: float | None, n: int) -> PowerState:
                                                  state.alpha, state.q))
   converged, count = False, k
   for i, row in enumerate(sharding_lib.host_value(rows).astype(float)):
-    if np.isnan(row[0]):
+    if np.isnan(row[3]):  # no pass counted: the loop had stopped
       break
     count = k + i + 1
     op.account(row[3:], f"at iteration {k + i}")
     if row[1] == 0:
-      raise ValueError(
-          f"H v = 0 at iteration {k + i}: the vector lies in the Hessian's "
-          "null space. Start from another V0 or key.")
-    eigenvalues[k + i], alphas[k + i], qs[k + i] = row[:3]
+      raise _null_space(k + i)
+    eigenvalues[k + i], alphas[k + i], qs[k + i] = row[0], row[1] ** 2, row[2]
     converged = bool(tol is not None and k + i > 0 and abs(
         row[0] - eigenvalues[k + i - 1]) <= tol * abs(row[0]))
   return PowerState(v, eigenvalues, alphas, qs, count, float(op.loss_value),

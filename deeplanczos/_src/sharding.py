@@ -196,6 +196,7 @@ def resolve_shardings(params, *, mesh: Mesh | None = None, shardings=None,
     if shardings is None and mesh is not None:
       shardings = from_metadata(params, mesh, shardings_rule=shardings_rule)
     params = meta.unbox(params)
+  check_params(params)
   leaves = jax.tree.leaves(params)
   if shardings is None:
     carried = [getattr(l, "sharding", None) for l in leaves]
@@ -229,6 +230,24 @@ def resolve_shardings(params, *, mesh: Mesh | None = None, shardings=None,
         f"{dict(mesh.shape)} over {mesh.device_ids.ravel().tolist()}; pass "
         "one of them, or shardings made on that mesh.")
   return found, put(params, shardings), shardings
+
+
+def check_params(params):
+  """Refuses parameters with no arrays, or with arrays that are not floats."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  if not leaves:
+    raise ValueError(
+        "The parameters hold no arrays (got "
+        f"{type(params).__name__} {params!r:.80}); pass the model's parameter "
+        "pytree, e.g. model.init(key, x) or nnx.split(model, nnx.Param)[1].")
+  for path, leaf in leaves:
+    dtype = getattr(leaf, "dtype", None) or np.result_type(leaf)
+    if not jax.dtypes.issubdtype(dtype, np.inexact):
+      raise TypeError(
+          f"Every parameter must be a floating-point array; the one at "
+          f"{jax.tree_util.keystr(path) or '(root)'} is {dtype} of shape "
+          f"{np.shape(leaf)}. Derivatives need floats: cast it, or leave it "
+          "out of the parameters (pass it through the loss instead).")
 
 
 def put(tree, shardings):

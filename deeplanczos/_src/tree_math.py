@@ -5,6 +5,8 @@ every reduction is a sum of per-leaf reductions (as optax's power iteration
 does), so a vector sharded over a mesh is reduced on device.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -22,9 +24,25 @@ def tree_vdot(x, y):
   return sum(jax.tree.leaves(jax.tree.map(leaf, x, y)))
 
 
+def tree_max_abs(x):
+  """``max |x_i|`` over every leaf, in >= float32."""
+  return functools.reduce(jnp.maximum, [
+      jnp.max(jnp.abs(l)).astype(accumulation_dtype(l.dtype))
+      for l in jax.tree.leaves(x)])
+
+
 def tree_norm(x):
-  """Euclidean norm of a pytree, accumulated in >= float32."""
-  return jnp.sqrt(tree_vdot(x, x))
+  """Euclidean norm of a pytree, accumulated in >= float32.
+
+  Computed as ``m * ||x / m||`` with ``m = max |x_i|``, so it neither
+  overflows (a float32 vector of entries near ``1e20``) nor underflows
+  where the norm itself is representable.
+  """
+  m = tree_max_abs(x)
+  safe = jnp.where((m > 0) & jnp.isfinite(m), m, 1)
+  scaled = jax.tree.map(lambda l: l.astype(safe.dtype) / safe, x)
+  return jnp.where(jnp.isfinite(m), safe * jnp.sqrt(tree_vdot(scaled, scaled)),
+                   m) * (m > 0)
 
 
 def tree_scale(x, s):
