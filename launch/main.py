@@ -9,8 +9,10 @@ On a multi-host TPU slice, with no distributed flags, the cluster is detected
 from the TPU environment.
 """
 
+import logging as python_logging
 import os
 import socket
+import sys
 import time
 
 from absl import app
@@ -35,7 +37,22 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, 0..N-1.")
 _TIMEOUT = flags.DEFINE_integer(
     "initialization_timeout", 300,
     "Seconds to wait for all processes to reach the coordinator.")
+_LIBRARY_LOGS = flags.DEFINE_bool(
+    "library_logs", False,
+    "Also show other libraries' INFO logs (orbax's per-save lines, jax's "
+    "backend probing); their warnings and errors are always shown.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+_OURS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+              for m in (checkpoint, sys.modules[__name__]))
+
+
+class _OwnInfo(python_logging.Filter):
+  """INFO lines from deeplanczos and this launcher; other libraries' warnings."""
+
+  def filter(self, record):
+    return (record.levelno >= python_logging.WARNING or
+            os.path.abspath(record.pathname).startswith(_OURS))
 
 
 def _wait_for_coordinator(address: str, timeout: float):
@@ -80,21 +97,39 @@ def _initialize_distributed():
   jax.distributed.initialize(*asked, initialization_timeout=_TIMEOUT.value)
 
 
+def _parse_flags(argv):
+  """absl's parsing, with a config that fails to load said in one line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    raise SystemExit("deeplanczos: " + experiment.explain_config_error(
+        argv, e)) from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not _LIBRARY_LOGS.value:
+    logging.get_absl_handler().addFilter(_OwnInfo())
+  try:
+    config = _CONFIG.value
+    config.get("method")  # a file that failed to load raises only when read
+  except Exception as e:  # pylint: disable=broad-except
+    raise SystemExit("deeplanczos: " + experiment.explain_config_error(
+        sys.argv, e)) from None
   _initialize_distributed()
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   try:
-    experiment.run(_CONFIG.value, _WORKDIR.value, handle_sigterm=True)
-  except experiment.ConfigError as e:
-    logging.error("%s", e)
-    raise SystemExit(f"deeplanczos: {e}") from e
+    experiment.run(config, _WORKDIR.value, handle_sigterm=True)
+  except (experiment.ConfigError, checkpoint.WriteError) as e:
+    raise SystemExit(f"deeplanczos: {e}") from None
   except checkpoint.Preempted as e:
-    logging.warning("Preempted: checkpoint step %d saved in %s; run the same "
-                    "command again to resume.", e.step, _WORKDIR.value)
+    saved = (f"checkpoint step {e.step} saved" if e.step is not None else
+             f"stopped {e.where}, what was saved kept")
+    logging.warning("Preempted (SIGTERM): %s in %s; run the same command "
+                    "again to resume.", saved, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

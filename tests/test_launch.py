@@ -134,7 +134,7 @@ def test_methods_write_results(tmp_path, name, method):
     np.testing.assert_allclose(np.sum(on_disk["density"]) * dx, 1.0,
                                rtol=1e-6)
   else:
-    assert on_disk["stderr"] > 0 and np.isfinite(on_disk["trace"])
+    assert on_disk["stderr"] > 0 and np.isfinite(on_disk["estimate"])
 
 
 def test_power_on_one_layer(tmp_path):
@@ -238,4 +238,4 @@ def test_launcher_curvature(tmp_path, curvature):
   config = small_config("mlp_digits_trace")
   config.curvature = curvature
   result = experiment.run(config, str(tmp_path))
-  assert result["trace"] > 0  # both are positive semi-definite
+  assert result["estimate"] > 0  # both are positive semi-definite

@@ -9,13 +9,15 @@ long run needs:
 - the budget: it stops once the method is done or ``max_hvps`` products
   have been spent;
 - the wall time of every step;
-- checkpoints: it restores the newest one before the first step and saves
-  after every ``checkpointer.every``-th step, splitting the state itself
-  (device arrays to orbax with their shardings, host values to JSON, NaN
-  and infinities included, PRNG keys as their data);
+- checkpoints: it restores the newest intact one before the first step
+  (saying how far it had got), saves after every ``checkpointer.every``-th
+  step and always after the last one, splitting the state itself (device
+  arrays to orbax with their shardings, host values to JSON, NaN and
+  infinities included, PRNG keys as their data);
 - SIGTERM, when the checkpointer asks for it: the run saves at the end of the
   current step and raises ``Preempted``; the previous handler is restored
-  when the run ends.
+  when the run ends, and told of a SIGTERM the run caught, so that a caller
+  guarding a longer job sees it too.
 """
 
 from collections.abc import Callable
@@ -25,6 +27,7 @@ import threading
 import time
 from typing import Any, NamedTuple
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -121,8 +124,15 @@ def join(like, arrays, host):
                             for i in range(len(leaves))])
 
 
-class _Sigterm:
-  """Catches SIGTERM for the length of a run, then restores the old handler."""
+class SigtermGuard:
+  """Catches SIGTERM while entered, then restores the old handler.
+
+  A SIGTERM only sets a flag, which :meth:`anywhere` reads at points where
+  stopping is safe. Guards nest: an inner one (the driver's, for a method)
+  tells the handler it replaced (an outer guard's, for a whole launcher
+  run) of a SIGTERM it caught when it exits. Disabled (and a no-op) when
+  ``enabled`` is false or off the main thread.
+  """
 
   def __init__(self, enabled: bool):
     self.received = False
@@ -151,6 +161,8 @@ class _Sigterm:
   def __exit__(self, *exc):
     if self._enabled:
       signal.signal(signal.SIGTERM, self._previous)
+      if self.received and callable(self._previous):
+        self._previous(signal.SIGTERM, None)  # a guard around the run
 
 
 def run(op, method: Method, state, *, max_hvps: int | None = None,
@@ -179,13 +191,19 @@ def run(op, method: Method, state, *, max_hvps: int | None = None,
       arrays, meta = saved
       state = join(state, arrays, meta["host"])
       seconds, hvps = list(meta["seconds"]), meta["hvps"]
+      logging.info(
+          "%s: %s", method.name,
+          f"already complete at step {len(seconds)} ({hvps} products); "
+          "reporting the saved state" if method.done(state) else
+          f"resumed from step {len(seconds)} ({hvps} of at most "
+          f"{method.planned_hvps} products done)")
   total = max(method.planned_hvps, hvps)
   if max_hvps is not None:
     total = min(total, max_hvps)
   bar = tqdm.tqdm(total=total, initial=hvps, desc=method.name,
                   disable=not show_pbar)
-  stopped_by = "done"
-  with _Sigterm(checkpointer is not None and
+  stopped_by, saved_step = "done", len(seconds)
+  with SigtermGuard(checkpointer is not None and
                 checkpointer.handle_sigterm) as sigterm:
     while not method.done(state):
       if max_hvps is not None and hvps >= max_hvps:
@@ -202,11 +220,20 @@ def run(op, method: Method, state, *, max_hvps: int | None = None,
         preempted = sigterm.anywhere()
         step = len(seconds)
         if preempted or (checkpointer.every and step % checkpointer.every == 0):
-          arrays, host = split(state)
-          checkpointer.save(step, arrays, {"host": host, "seconds": seconds,
-                                           "hvps": hvps})
+          _save(checkpointer, step, state, seconds, hvps)
+          saved_step = step
         if preempted:
           bar.close()
           raise checkpoint_lib.Preempted(step)
+    if checkpointer is not None and saved_step != len(seconds):
+      _save(checkpointer, len(seconds), state, seconds, hvps)  # the last one
+  bar.total = bar.n  # a run that ends early ends its bar there
+  bar.refresh()
   bar.close()
   return Run(state, np.array(seconds), hvps, stopped_by)
+
+
+def _save(checkpointer, step, state, seconds, hvps):
+  arrays, host = split(state)
+  checkpointer.save(step, arrays, {"host": host, "seconds": seconds,
+                                   "hvps": hvps})

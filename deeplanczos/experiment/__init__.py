@@ -10,6 +10,7 @@
 
 from deeplanczos.experiment.config import ConfigError
 from deeplanczos.experiment.config import base_config
+from deeplanczos.experiment.config import explain_config_error
 from deeplanczos.experiment.runner import build_mesh
 from deeplanczos.experiment.runner import run
 from deeplanczos.experiment.tasks import TASKS
@@ -18,4 +19,4 @@ from deeplanczos.experiment.tasks import build_task
 from deeplanczos.experiment.tasks import train
 
 __all__ = ("ConfigError", "TASKS", "Task", "base_config", "build_mesh",
-           "build_task", "run", "train")
+           "build_task", "explain_config_error", "run", "train")

@@ -1,5 +1,9 @@
 """The config schema: every key a run reads, with its default."""
 
+import difflib
+import os
+import re
+
 import ml_collections
 
 
@@ -44,3 +48,41 @@ def base_config() -> ml_collections.ConfigDict:
   # a run started again on the same workdir resumes from the newest one.
   c.checkpoint_every = 5
   return c
+
+
+def _keys(config, prefix=""):
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    yield name
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _keys(value, name + ".")
+
+
+def explain_config_error(argv, error) -> str:
+  """One line for a config that does not load, naming what to fix.
+
+  Args:
+    argv: the command line.
+    error: what loading the config (its file and ``--config.KEY=`` overrides)
+      raised.
+
+  Returns:
+    ``--config.KEY``: no such key, with the nearest existing one suggested;
+    a config file that is missing; or the error's first line.
+  """
+  known = set(_keys(base_config()))
+  for arg in argv:
+    match = re.match(r"--config\.([\w.]+)(=|$)", arg)
+    if match and match.group(1) not in known:
+      key = match.group(1)
+      near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+      hint = (f"; did you mean --config.{near[0]}?" if near else
+              "; see deeplanczos/experiment/config.py for every key")
+      return f"--config.{key}: configs have no key {key!r}{hint}"
+    match = re.match(r"--config=([^:]+)", arg)
+    if match and not os.path.exists(match.group(1)):
+      return (f"--config={match.group(1)}: no such file (configs/ has the "
+              "project's; give a path relative to where you run)")
+  text = str(error).strip().splitlines()
+  return f"the config does not load: {type(error).__name__}: " + (
+      text[0] if text else "")

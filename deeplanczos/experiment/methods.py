@@ -74,7 +74,9 @@ def trace(op, config, task, **run):
   estimator, budget = ESTIMATORS[c.estimator]
   r = estimator(op, key=jax.random.key(config.seed), **{budget: c.num_hvps},
                 **run)
-  return {"trace": r.estimate, "stderr": r.stderr, "samples": r.samples,
+  # TraceResult's names; its ``method`` is ``estimator`` here, since
+  # result.json's ``method`` is the launcher's.
+  return {"estimate": r.estimate, "stderr": r.stderr, "samples": r.samples,
           "estimator": r.method, "num_hvps": r.num_hvps,
           "headline": f"trace {r.estimate:.6g} +- {r.stderr:.2g}"}
 

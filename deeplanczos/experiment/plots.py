@@ -1,4 +1,11 @@
-"""The launcher's plots: one PNG per method, from its result dict."""
+"""The launcher's plots: one PNG per method, from its result dict.
+
+Each names the matrix it shows (``result['matrix']``: the Hessian, the
+Gauss-Newton matrix or the empirical Fisher) and is written to a temporary
+file renamed into place, so a full disk never leaves half a PNG.
+"""
+
+import os
 
 import numpy as np
 
@@ -13,8 +20,15 @@ def _figure(ncols=1):
 
 def _save(plt, fig, path):
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  directory, name = os.path.split(path)
+  temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp.png")
+  try:
+    fig.savefig(temporary, dpi=100)
+    os.replace(temporary, path)
+  finally:
+    plt.close(fig)
+    if os.path.exists(temporary):
+      os.remove(temporary)
 
 
 def power(result, path):
@@ -22,7 +36,8 @@ def power(result, path):
   h = result["history"]
   a.plot(h["iteration"], h["eigenvalue"], marker=".")
   a.set(xlabel="iteration", ylabel="eigenvalue estimate <v, Hv>",
-        title=f"dominant eigenvalue: {result['eigenvalue']:.6g}")
+        title=f"{result['matrix']}: dominant eigenvalue "
+        f"{result['eigenvalue']:.6g}")
   b.semilogy(h["iteration"], np.maximum(1 - np.asarray(h["q"]), 1e-16),
              marker=".")
   b.set(xlabel="iteration", ylabel="1 - q = 1 - |<v_k, v_k+1>|",
@@ -36,8 +51,8 @@ def lanczos(result, path):
   steps = np.arange(1, len(ritz) + 1)
   for i in range(ritz.shape[1]):
     a.plot(steps, ritz[:, i], label=f"{i + 1}")
-  a.set(xlabel="Hessian-vector products", ylabel="Ritz value",
-        title="Ritz values of the wanted eigenvalues")
+  a.set(xlabel="matrix-vector products", ylabel="Ritz value",
+        title=f"{result['matrix']}: Ritz values of the wanted eigenvalues")
   a.legend(fontsize="small")
   lam = np.abs(np.array(result["eigenvalues"], dtype=float))
   pairs = np.arange(1, len(lam) + 1)
@@ -57,14 +72,15 @@ def density(result, path):
   a.semilogy(result["grid"], np.maximum(density, 1e-12))
   a.set(xlabel="eigenvalue", ylabel="density (log scale)",
         ylim=(max(density.max() * 1e-8, 1e-12), density.max() * 2),
-        title=f"Hessian spectral density (SLQ, sigma={result['sigma']:.2g})")
+        title=(f"{result['matrix']} spectral density (SLQ, "
+               f"sigma={result['sigma']:.2g})"))
   _save(plt, fig, path)
 
 
 def trace(result, path):
   plt, fig, (a,) = _figure()
   samples = np.asarray(result["samples"], dtype=float)
-  offset = result["trace"] - samples.mean()
+  offset = result["estimate"] - samples.mean()
   n = np.arange(1, len(samples) + 1)
   running = offset + np.cumsum(samples) / n
   spread = np.array([samples[:i].std(ddof=1) / np.sqrt(i) if i > 1 else 0
@@ -73,8 +89,8 @@ def trace(result, path):
   a.fill_between(n, running - 2 * spread, running + 2 * spread, alpha=0.3,
                  label="+- 2 standard errors")
   a.set(xlabel="random probes", ylabel="trace estimate",
-        title=f"{result['estimator']}: {result['trace']:.6g} "
-              f"+- {result['stderr']:.2g}")
+        title=f"{result['matrix']} trace, {result['estimator']}: "
+        f"{result['estimate']:.6g} +- {result['stderr']:.2g}")
   a.legend()
   _save(plt, fig, path)
 
@@ -82,7 +98,7 @@ def trace(result, path):
 def sharpness(result, path):
   plt, fig, (a,) = _figure()
   a.plot(result["steps"], result["sharpness"], marker=".",
-         label="top Hessian eigenvalue")
+         label=f"top {result['matrix']} eigenvalue")
   a.axhline(result["threshold"], color="k", linestyle="--",
             label=f"2 / learning rate = {result['threshold']:.3g}")
   a.set(xlabel="gradient descent step", ylabel="sharpness",

@@ -6,7 +6,6 @@ workdir, written by process 0 only.
 """
 
 import functools
-import json
 import math
 import os
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import deeplanczos
 from deeplanczos import checkpoint as checkpoint_lib
 from deeplanczos import data as data_lib
+from deeplanczos._src import driver
 from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
 from deeplanczos.experiment import methods as methods_lib
@@ -73,14 +73,18 @@ def _check_finite_loss(task, config, when):
                       "model, the data and config.train.")
 
 
+MATRICES = {"hessian": "Hessian", "ggn": "Gauss-Newton matrix",
+            "fisher": "empirical Fisher"}
+
+
 def _prepare(config):
-  """Everything that can fail on bad input, before the workdir is touched.
+  """Everything that can fail on bad input and costs little: no training.
 
   Returns:
-    ``(mesh, task, shardings, dataset, train_seconds)``, the task trained.
+    ``(mesh, task, shardings, dataset)``, the task untrained.
   """
   methods_lib.check(config)
-  if config.curvature not in ("hessian", "ggn", "fisher"):
+  if config.curvature not in MATRICES:
     raise ConfigError("config.curvature must be 'hessian', 'ggn' or "
                       f"'fisher'; got {config.curvature!r}.")
   try:
@@ -107,10 +111,7 @@ def _prepare(config):
     raise ConfigError(f"config.curvature='ggn' needs a task with model_fn and "
                       f"output_loss; {config.task!r} has none.")
   _check_finite_loss(task, config, "at initialization")
-  start = time.perf_counter()
-  task = tasks_lib.train(task, config)
-  _check_finite_loss(task, config, "after training")
-  return mesh, task, shardings, dataset, time.perf_counter() - start
+  return mesh, task, shardings, dataset
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
@@ -118,31 +119,58 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   """Runs ``config`` and, on process 0, writes its results into ``workdir``.
 
   The method's state is checkpointed into ``workdir/checkpoints/METHOD``
-  every ``config.checkpoint_every`` steps, and the run resumes from the
-  newest complete checkpoint there. A workdir belongs to one config, model
-  and mesh: checkpoints of another are refused, and so is a second run on
-  the workdir while one holds its lock.
+  every ``config.checkpoint_every`` steps and at its end, and the run
+  resumes from the newest intact checkpoint there. A workdir belongs to one
+  config, model and mesh: checkpoints of another are refused, and so is a
+  second run on the workdir while one holds its lock; both are checked
+  before the task is trained.
 
   Args:
     config: the run's config (see :func:`base_config`).
     workdir: where results and checkpoints go.
-    handle_sigterm: make SIGTERM save a checkpoint and raise
-      ``checkpoint.Preempted`` (the launcher sets it).
+    handle_sigterm: catch SIGTERM for the whole run: inside the method it
+      saves a checkpoint, and at any other point the run stops at the next
+      phase (after training, after the method, after saving eigenvectors),
+      releasing the workdir; both raise ``checkpoint.Preempted`` and a rerun
+      resumes (the launcher sets it).
 
   Returns:
     The result dict that ``result.json`` holds.
   """
   start = time.perf_counter()
   lead = jax.process_index() == 0
-  mesh, task, shardings, dataset, train_s = _prepare(config)
-  workdir_lib.make(workdir, lead)
-  with workdir_lib.Lock(workdir, lead):
-    return _run(config, workdir, handle_sigterm, lead, mesh, task, shardings,
-                dataset, start, train_s)
+  with driver.SigtermGuard(handle_sigterm) as sigterm:
+    mesh, task, shardings, dataset = _prepare(config)
+    workdir_lib.make(workdir, lead)
+    with workdir_lib.Lock(workdir, lead):
+      checkpointer = checkpoint_lib.Checkpointer(
+          os.path.join(workdir, "checkpoints", config.method),
+          every=config.checkpoint_every, handle_sigterm=handle_sigterm,
+          fingerprint=workdir_lib.fingerprint(config, task.params, mesh))
+      try:
+        checkpointer.check_fingerprint()
+        _stop_if(sigterm, "before training")
+        t_train = time.perf_counter()
+        task = tasks_lib.train(task, config)
+        _check_finite_loss(task, config, "after training")
+        timings = {"setup_s": t_train - start,
+                   "train_s": time.perf_counter() - t_train}
+        _stop_if(sigterm, "after training, before the method")
+        return _run(config, workdir, lead, mesh, task, shardings, dataset,
+                    checkpointer, sigterm, timings)
+      except checkpoint_lib.Mismatch as e:
+        raise ConfigError(str(e)) from e
+      finally:
+        checkpointer.close()
 
 
-def _run(config, workdir, handle_sigterm, lead, mesh, task, shardings,
-         dataset, start, train_s):
+def _stop_if(sigterm, where):
+  if sigterm.anywhere():
+    raise checkpoint_lib.Preempted(None, where)
+
+
+def _run(config, workdir, lead, mesh, task, shardings, dataset, checkpointer,
+         sigterm, timings):
   """The method on one operator, and the result files."""
   t_method = time.perf_counter()
   op = deeplanczos.HessianOperator(
@@ -158,28 +186,23 @@ def _run(config, workdir, handle_sigterm, lead, mesh, task, shardings,
         op, key=jax.random.key(config.seed))._asdict()
     logging.info("Operator check: %s", check)
   method = methods_lib.METHODS[config.method]
-  checkpointer = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints", config.method),
-      every=config.checkpoint_every, handle_sigterm=handle_sigterm,
-      fingerprint=workdir_lib.fingerprint(config, op, mesh))
-  try:
-    result = method.run(op, config, task,
-                        show_pbar=lead and config.get("show_pbar", True),
-                        checkpointer=checkpointer)
-  except checkpoint_lib.Mismatch as e:
-    raise ConfigError(str(e)) from e
-  finally:
-    checkpointer.close()
+  result = method.run(op, config, task,
+                      show_pbar=lead and config.get("show_pbar", True),
+                      checkpointer=checkpointer)
+  _stop_if(sigterm, "after the method (its final state is saved)")
   if check is not None:
     result["operator_check"] = check
   if "eigenpairs" in result:  # every process writes its shards
     deeplanczos.save_eigenvectors(os.path.join(workdir, "eigenvectors"),
                                   *result.pop("eigenpairs"))
+    _stop_if(sigterm, "after saving the eigenvectors")
   end = time.perf_counter()
-  headline = result.pop("headline")
+  matrix = MATRICES[config.curvature]
+  headline = f"{matrix} {result.pop('headline')}"
   result.update({
       "method": config.method,
       "task": config.task,
+      "matrix": matrix,
       "num_params": tree_math.tree_size(op.params),
       "num_examples": int(len(task.y)),
       "mesh": dict(mesh.shape),
@@ -187,9 +210,7 @@ def _run(config, workdir, handle_sigterm, lead, mesh, task, shardings,
       "num_devices": jax.device_count(),
       "platform": jax.devices()[0].platform,
       "data_on_device": op.data_on_device,
-      "timings": {"setup_s": t_method - start - train_s,
-                  "train_s": train_s,
-                  "method_s": end - t_method,
+      "timings": {**timings, "method_s": end - t_method,
                   "seconds_per_hvp": (end - t_method) / result["num_hvps"]},
       "versions": {"deeplanczos": deeplanczos.__version__,
                    "jax": jax.__version__, "flax": flax.__version__},
@@ -198,8 +219,7 @@ def _run(config, workdir, handle_sigterm, lead, mesh, task, shardings,
   result = _jsonable(result)
   if lead:
     method.plot(result, os.path.join(workdir, f"{config.method}.png"))
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    workdir_lib.write_json(os.path.join(workdir, "result.json"), result)
     logging.info("%s on %s: %s; results in %s", config.method, config.task,
                  headline, workdir)
   return result
