@@ -11,7 +11,8 @@ Run:
   python launch/main.py --config=configs/bn_dropout_digits.py --workdir=/tmp/bn
 
 It logs `Operator check: {'deterministic': True, 'symmetric': True, ...}`,
-then `power on bn_dropout_digits: eigenvalue ...`.
+then `power on bn_dropout_digits: Hessian eigenvalue 6.40872` (19 s on 2 idle
+CPU cores).
 """
 
 import ml_collections

@@ -8,7 +8,8 @@ the dominant eigenvalue of the Hessian of the mean cross-entropy.
 Run:
   python launch/main.py --config=configs/mlp_digits.py --workdir=/tmp/mlp_digits
 
-It logs `power on mlp_digits: eigenvalue 8.355...` (process 0), and writes
+It logs `power on mlp_digits: Hessian eigenvalue 8.35004` (process 0; 11 s on
+2 idle CPU cores, with the start-up), and writes
 /tmp/mlp_digits/result.json and /tmp/mlp_digits/power.png.
 
 A quick variant: --config=configs/mlp_digits.py:small

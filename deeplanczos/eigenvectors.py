@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from deeplanczos._src import files
 from deeplanczos._src import sharding as sharding_lib
 
 VALUES = "eigenvalues.json"
@@ -36,15 +37,50 @@ def save_eigenvectors(directory: str, eigenvalues, eigenvectors):
                     force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(directory, VALUES), "w") as f:
-      json.dump([float(x) for x in np.asarray(eigenvalues)], f)
+    files.write_json(os.path.join(directory, VALUES),
+                     [float(x) for x in np.asarray(eigenvalues)])
 
 
-def load_eigenvectors(path: str, *, mesh=None, shardings=None):
+def _key(entry) -> str:
+  for attribute in ("key", "name", "idx"):
+    if hasattr(entry, attribute):
+      return str(getattr(entry, attribute))
+  return str(entry)
+
+
+def _like(template, saved: dict):
+  """``saved`` (nested dicts, as orbax restores) in ``template``'s pytree."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+  leaves = []
+  for path, _ in paths:
+    node = saved
+    for entry in path:
+      key = _key(entry)
+      if not isinstance(node, dict) or key not in node:
+        raise ValueError(
+            f"The saved eigenvectors have no leaf at "
+            f"{jax.tree_util.keystr(path)}, which the template has: the "
+            "template must be the parameters the vectors were computed for.")
+      node = node[key]
+    leaves.append(node)
+  if len(leaves) != len(jax.tree.leaves(saved)):
+    raise ValueError(
+        f"The saved eigenvectors have {len(jax.tree.leaves(saved))} leaves "
+        f"and the template {len(leaves)}: the template must be the "
+        "parameters the vectors were computed for.")
+  return treedef.unflatten(leaves)
+
+
+def load_eigenvectors(path: str, *, like=None, mesh=None, shardings=None):
   """Reads eigenpairs saved by :func:`save_eigenvectors` or the launcher.
 
   Args:
     path: a launcher workdir, or the directory that was saved to.
+    like: the parameters (or any pytree of the same structure, arrays or
+      ``jax.ShapeDtypeStruct``): the vectors come back in its pytree type
+      (flax ``FrozenDict``, an ``nnx.State``, your own classes), and on its
+      shardings where its leaves carry ``NamedSharding`` and neither
+      ``mesh`` nor ``shardings`` is given.
     mesh: the mesh to place the vectors on (default: every device), each
       leaf split by ``infer_sharding`` over the model axis and (FSDP) the
       first axis wherever they divide it.
@@ -53,11 +89,12 @@ def load_eigenvectors(path: str, *, mesh=None, shardings=None):
 
   Returns:
     ``(eigenvalues, eigenvectors)``: a ``(k,)`` numpy array, and the vectors
-    as nested dicts keyed like the parameters, each leaf with a leading axis
-    of ``k``.
+    with a leading axis of ``k`` on every leaf: in ``like``'s pytree type, or
+    as nested dicts keyed like the parameters.
 
   Raises:
     FileNotFoundError: nothing saved at ``path``.
+    ValueError: ``like`` does not have the saved vectors' structure.
   """
   directory = os.path.abspath(path)
   if os.path.isdir(os.path.join(directory, "eigenvectors")):
@@ -75,6 +112,10 @@ def load_eigenvectors(path: str, *, mesh=None, shardings=None):
   tree = dict(getattr(metadata, "item_metadata", metadata))
   one = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape[1:], m.dtype),
                      tree)
+  carried = [getattr(l, "sharding", None) for l in jax.tree.leaves(like)]
+  if (shardings is None and mesh is None and carried and
+      all(isinstance(s, jax.sharding.NamedSharding) for s in carried)):
+    shardings = _nested(like, carried)
   if shardings is None:
     mesh = sharding_lib.make_mesh() if mesh is None else mesh
     shardings = sharding_lib.infer_sharding(
@@ -82,4 +123,18 @@ def load_eigenvectors(path: str, *, mesh=None, shardings=None):
   target = jax.tree.map(
       lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree,
       sharding_lib.stacked(shardings))
-  return eigenvalues, checkpointer.restore(vectors, target)
+  vectors = checkpointer.restore(vectors, target)
+  return eigenvalues, vectors if like is None else _like(like, vectors)
+
+
+def _nested(template, values) -> dict:
+  """``values`` (one per leaf of ``template``) as nested dicts of its keys."""
+  out = {}
+  for (path, _), value in zip(
+      jax.tree_util.tree_flatten_with_path(template)[0], values):
+    keys = [_key(entry) for entry in path]
+    node = out
+    for key in keys[:-1]:
+      node = node.setdefault(key, {})
+    node[keys[-1]] = value
+  return out

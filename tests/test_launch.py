@@ -239,3 +239,28 @@ def test_launcher_curvature(tmp_path, curvature):
   config.curvature = curvature
   result = experiment.run(config, str(tmp_path))
   assert result["estimate"] > 0  # both are positive semi-definite
+  assert result["matrix"] == {"ggn": "Gauss-Newton matrix",
+                              "fisher": "empirical Fisher"}[curvature]
+
+
+def test_loaded_eigenvectors_take_the_templates_pytree_type(tmp_path):
+  from flax.core import frozen_dict  # pylint: disable=g-import-not-at-top
+  loss, params, x, y = helpers.mlp_problem()
+  r = deeplanczos.lanczos(loss, params, [(x, y)], 2, show_pbar=False)
+  deeplanczos.save_eigenvectors(str(tmp_path), r.eigenvalues, r.eigenvectors)
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  template = frozen_dict.freeze(params)
+  placed = jax.tree.map(
+      lambda a, s: jax.device_put(a, s), template,
+      deeplanczos.infer_sharding(template, mesh, min_size=1))
+  lam, vectors = deeplanczos.load_eigenvectors(str(tmp_path), like=placed)
+  assert isinstance(vectors, frozen_dict.FrozenDict)
+  assert jax.tree.structure(vectors) == jax.tree.structure(template)
+  np.testing.assert_array_equal(lam, r.eigenvalues)
+  for got, want, p in zip(jax.tree.leaves(vectors),
+                          jax.tree.leaves(r.eigenvectors),
+                          jax.tree.leaves(placed)):
+    np.testing.assert_array_equal(got, want)
+    assert got.sharding.spec == jax.sharding.PartitionSpec(None, *p.sharding.spec)
+  with pytest.raises(ValueError, match="no leaf at"):
+    deeplanczos.load_eigenvectors(str(tmp_path), like={"params": {"x": 1.0}})

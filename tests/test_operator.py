@@ -34,12 +34,12 @@ def test_second_call_and_new_parameters_compile_nothing():
   _, hist = deeplanczos.PowerMethodIterate(loss, moved, batches, 300,
                                            show_pbar=False)
   op = deeplanczos.HessianOperator(loss, params, batches)
-  lam, v = deeplanczos.top_eigenvalue(op, params=moved, num_iterations=300)
+  lam = deeplanczos.top_eigenvalue(op, params=moved,
+                                   num_iterations=300).eigenvalue
   assert len(traces) == first
   top, _ = dense_top(base, moved, x, y)
   np.testing.assert_allclose([hist["eigenvalue"][-1], lam], top, rtol=1e-6)
   assert op.num_matvecs == 0  # with_params gave a new operator
-  del v
 
 
 @pytest.mark.parametrize("mesh_shape", [None, (8, 1), (4, 2)])
@@ -138,12 +138,15 @@ def test_power_loop_on_device_matches_one_iteration_per_call():
 def test_tracker_warm_start_from_the_last_eigenvector():
   loss, params, x, y = helpers.mlp_problem()
   op = deeplanczos.HessianOperator(loss, params, [(x, y)])
-  lam, v = deeplanczos.top_eigenvalue(op, num_iterations=300)
+  first = deeplanczos.top_eigenvalue(op, num_iterations=300)
+  assert isinstance(first, deeplanczos.PowerResult)
+  lam, v = first.eigenvalue, first.eigenvector
   moved = jax.tree.map(lambda a: a * 1.02, params)
   top, h = dense_top(loss, moved, x, y)
-  warm, v_warm = deeplanczos.top_eigenvalue(op, params=moved, v0=v,
-                                            num_iterations=5)
-  cold, _ = deeplanczos.top_eigenvalue(op, params=moved, num_iterations=5)
+  r = deeplanczos.top_eigenvalue(op, params=moved, v0=v, num_iterations=5)
+  warm, v_warm = r.eigenvalue, r.eigenvector
+  cold = deeplanczos.top_eigenvalue(op, params=moved,
+                                    num_iterations=5).eigenvalue
   assert abs(warm - top) < 1e-3 * abs(cold - top)
   u = helpers.flat(v_warm)
   assert np.linalg.norm(h @ u - warm * u) < 1e-3 * abs(top)

@@ -166,6 +166,34 @@ def test_show_pbar_false_prints_nothing_and_true_prints(capsys):
   assert "power method" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+def test_a_bar_that_ends_early_ends_at_its_count(capsys, method):
+  loss, params, x, y = helpers.mlp_problem()
+  if method == "power":
+    n = len(deeplanczos.power_iteration(
+        loss, params, [(x, y)], num_iterations=1000, tol=1e-4,
+        show_pbar=True).eigenvalues)
+  else:
+    n = deeplanczos.lanczos(loss, params, [(x, y)], 2, max_hvps=1000,
+                            show_pbar=True).num_hvps - 2
+  assert n < 100
+  last = capsys.readouterr().err.strip().split("\r")[-1]
+  assert f"100%" in last and f" {n}/{n} " in last, last
+
+
+def test_operator_repr_says_what_it_is():
+  loss, params, x, y = helpers.mlp_problem()
+  op = deeplanczos.HessianOperator(loss, params, [(x[:50], y[:50]),
+                                                  (x[50:], y[50:])],
+                                   curvature="fisher")
+  assert repr(op) == (
+      "HessianOperator(curvature='fisher', parameters=43 in 4 arrays "
+      "(float64), mesh={'data': 1}, data_axis='data', data not read yet, "
+      "products=0)")
+  op.matvec(op.random_vector(jax.random.key(0)))
+  assert repr(op).endswith("data on the devices, 60 examples, products=1)")
+
+
 class TestBadInput:
 
   def setup_method(self):

@@ -83,10 +83,14 @@ def parse(batch, parser):
   return x, y, mask, n
 
 
+def _dtype(a):
+  return np.dtype(a.dtype) if hasattr(a, "dtype") else np.result_type(a)
+
+
 def shapes(tree) -> str:
   """``tree``'s shapes and dtypes, for messages."""
   leaves = jax.tree.leaves(tree)
-  text = [f"{np.shape(l)} {np.result_type(l)}" for l in leaves]
+  text = [f"{np.shape(l)} {_dtype(l)}" for l in leaves]
   return text[0] if len(text) == 1 else "[" + ", ".join(text) + "]"
 
 
@@ -139,7 +143,7 @@ def to_host_batch(x, y, mask, n, *, local_data: int, weight_dtype):
 
 def signature(batch: HostBatch):
   """What must agree for batches to share one compiled program."""
-  return (str(jax.tree.map(lambda a: (np.shape(a), np.result_type(a)),
+  return (str(jax.tree.map(lambda a: (np.shape(a), _dtype(a)),
                            (batch.x, batch.y))), batch.padded)
 
 

@@ -228,6 +228,20 @@ class HessianOperator:
     self.num_examples = None
     self.loss_value = None
 
+  def __repr__(self):
+    leaves = jax.tree.leaves(self.template)
+    dtypes = sorted({str(l.dtype) for l in leaves})
+    where = {None: "not read yet", True: "on the devices",
+             False: "streamed"}[self._on_device]
+    return (f"HessianOperator(curvature={self.kernel.curvature!r}, "
+            f"parameters={tree_math.tree_size(self.template):,} in "
+            f"{len(leaves)} arrays ({'/'.join(dtypes)}), "
+            f"mesh={dict(self.mesh.shape)}, "
+            f"data_axis={self.kernel.data_axis!r}, data {where}"
+            + ("" if self.num_examples is None else
+               f", {self.num_examples:,} examples")
+            + f", products={self.num_matvecs})")
+
   @property
   def data_on_device(self) -> bool | None:
     """Whether the data is kept on the devices (None: not decided yet)."""

@@ -369,7 +369,7 @@ def PowerMethodIterate(loss: Callable, P, batch_iterable, num_iteration: int,  #
 @api.takes_operator
 def top_eigenvalue(op: operator_lib.HessianOperator, *, params=None,
                    v0=None, num_iterations: int = 20, key=None,
-                   tol: float | None = None):
+                   tol: float | None = None) -> PowerResult:
   """The top eigenvalue and its vector, warm-started: sharpness tracking.
 
   Made to be called every few optimizer steps: pass the operator you keep,
@@ -385,19 +385,21 @@ def top_eigenvalue(op: operator_lib.HessianOperator, *, params=None,
     tol: stop early at this relative change of the eigenvalue.
 
   Returns:
-    ``(eigenvalue, eigenvector)``: the Rayleigh quotient, a float, and the
-    unit vector, shaped and sharded like the parameters.
+    A :class:`PowerResult`, as :func:`power_iteration` gives: its
+    ``eigenvalue`` (the Rayleigh quotient) and ``eigenvector`` (the unit
+    vector, shaped and sharded like the parameters, to warm-start the next
+    call).
 
   Example:
     >>> op = deeplanczos.HessianOperator(loss, params, data)  # doctest: +SKIP
-    >>> lam, v = None, None                                   # doctest: +SKIP
+    >>> v = None                                              # doctest: +SKIP
     >>> for step in range(num_steps):                         # doctest: +SKIP
     ...   params, opt_state = train_step(params, opt_state)
     ...   if step % 10 == 0:
-    ...     lam, v = deeplanczos.top_eigenvalue(op, params=params, v0=v)
+    ...     r = deeplanczos.top_eigenvalue(op, params=params, v0=v)
+    ...     v = r.eigenvector
   """
   if params is not None:
     op = op.with_params(params)
-  r = power_iteration(op, num_iterations=num_iterations, v0=v0, key=key,
-                      tol=tol, show_pbar=False)
-  return r.eigenvalue, r.eigenvector
+  return power_iteration(op, num_iterations=num_iterations, v0=v0, key=key,
+                         tol=tol, show_pbar=False)

@@ -106,9 +106,10 @@ def sharpness(op, config, task, *, show_pbar, checkpointer):
   for i in range(c.steps + 1):
     if i % c.every == 0 or i == c.steps:
       moved = op.with_params(params)
-      lam, v = deeplanczos.top_eigenvalue(
+      r = deeplanczos.top_eigenvalue(
           moved, v0=v, num_iterations=c.num_iterations,
           key=jax.random.key(config.seed))
+      lam, v = r.eigenvalue, r.eigenvector
       hvps += moved.num_matvecs
       steps.append(i)
       values.append(lam)

@@ -21,6 +21,7 @@ import deeplanczos
 from deeplanczos import checkpoint as checkpoint_lib
 from deeplanczos import data as data_lib
 from deeplanczos._src import driver
+from deeplanczos._src import files
 from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
 from deeplanczos.experiment import methods as methods_lib
@@ -219,7 +220,7 @@ def _run(config, workdir, lead, mesh, task, shardings, dataset, checkpointer,
   result = _jsonable(result)
   if lead:
     method.plot(result, os.path.join(workdir, f"{config.method}.png"))
-    workdir_lib.write_json(os.path.join(workdir, "result.json"), result)
+    files.write_json(os.path.join(workdir, "result.json"), result, indent=2)
     logging.info("%s on %s: %s; results in %s", config.method, config.task,
                  headline, workdir)
   return result

@@ -2,7 +2,6 @@
 fingerprint that ties its checkpoints to one config, model and mesh."""
 
 import fcntl
-import json
 import os
 import socket
 
@@ -86,24 +85,6 @@ class Lock:
       pass
     os.close(self._fd)  # releases the flock
     self._fd = None
-
-
-def write_json(path: str, value):
-  """Writes ``value`` as JSON to a temporary file renamed onto ``path``.
-
-  A full disk or a kill midway leaves the previous file (or none), never a
-  truncated one.
-  """
-  temporary = f"{path}.{os.getpid()}.tmp"
-  try:
-    with open(temporary, "w") as f:
-      json.dump(value, f, indent=2)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temporary, path)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
 
 
 def fingerprint(config, params, mesh) -> dict:
