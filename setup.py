@@ -34,7 +34,7 @@ setuptools.setup(
     extras_require={
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
-        "test": ["pytest", "scipy", "scikit-learn"],
+        "test": ["pytest", "pytest-xdist", "scipy", "scikit-learn"],
         # Install a CPU build of torch first (pip install torch --index-url
         # https://download.pytorch.org/whl/cpu), or pip fetches a CUDA one.
         "bench": ["torch", "pyhessian", "scipy"],

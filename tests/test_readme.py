@@ -6,6 +6,7 @@ import io
 import re
 
 import jax
+from jax.flatten_util import ravel_pytree
 import numpy as np
 import pytest
 
@@ -30,8 +31,9 @@ def dense_eigenvalues(namespace, params, batches):
   x = np.concatenate([np.asarray(b[0]) for b in batches], dtype=np.float64)
   y = np.concatenate([np.asarray(b[1]) for b in batches])
   params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-  h, _ = helpers.dense_hessian(namespace["loss"], params, x, y)
-  return np.linalg.eigvalsh(h)
+  flat, unravel = ravel_pytree(params)
+  h = jax.jit(jax.hessian(lambda f: namespace["loss"](unravel(f), x, y)))(flat)
+  return np.linalg.eigvalsh(np.asarray(h, np.float64))
 
 
 def test_both_examples_are_there():
