@@ -222,3 +222,32 @@ def test_bad_parameters_and_batches_are_named(params, batches, message):
   with pytest.raises((ValueError, TypeError), match=message):
     deeplanczos.power_iteration(loss, params, batches, num_iterations=2,
                                 show_pbar=False)
+
+
+def test_a_second_call_of_every_method_compiles_nothing(caplog):
+  loss, params, x, y = helpers.mlp_problem(dtype=np.float32)
+  op = deeplanczos.HessianOperator(loss, params,
+                                   helpers.batches_of(x, y, [20, 20, 20]))
+  runs = {
+      "power": lambda: deeplanczos.power_iteration(op, num_iterations=3,
+                                                   show_pbar=False),
+      "lanczos": lambda: deeplanczos.lanczos(op, 2, show_pbar=False),
+      "density": lambda: deeplanczos.spectral_density(
+          op, num_probes=2, num_steps=4, show_pbar=False),
+      "hutchinson": lambda: deeplanczos.hutchinson(op, num_probes=3,
+                                                   show_pbar=False),
+      "hutchpp": lambda: deeplanczos.hutchpp(op, num_hvps=6, show_pbar=False),
+  }
+  for run in runs.values():
+    run()
+  jax.config.update("jax_log_compiles", True)
+  try:
+    for name, run in runs.items():
+      caplog.clear()
+      with caplog.at_level("WARNING", logger="jax"):
+        run()
+      compiled = [r.getMessage() for r in caplog.records
+                  if r.getMessage().startswith("Compiling ")]
+      assert not compiled, (name, compiled)
+  finally:
+    jax.config.update("jax_log_compiles", False)

@@ -18,13 +18,23 @@ from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
 
 
-def zeros(template, size, shardings):
-  """An all-zero basis of ``size`` vectors like ``template``."""
-  specs = [((size, *t.shape), t.dtype) for t in jax.tree.leaves(template)]
-  treedef = jax.tree.structure(template)
+@functools.lru_cache(maxsize=64)
+def _zeros_program(treedef, specs, shardings):
   make = lambda: treedef.unflatten([jnp.zeros(s, d) for s, d in specs])
-  return jax.jit(make, out_shardings=sharding_lib.basis_shardings(
-      template, shardings, size))()
+  return jax.jit(make, out_shardings=treedef.unflatten(shardings))
+
+
+def zeros(template, size, shardings):
+  """An all-zero basis of ``size`` vectors like ``template``.
+
+  The program is cached on the shapes, dtypes and shardings, so a second
+  run of a method compiles nothing.
+  """
+  specs = tuple(((size, *t.shape), jnp.dtype(t.dtype))
+                for t in jax.tree.leaves(template))
+  treedef = jax.tree.structure(template)
+  layout = sharding_lib.basis_shardings(template, shardings, size)
+  return _zeros_program(treedef, specs, tuple(jax.tree.leaves(layout)))()
 
 
 @functools.partial(jax.jit, donate_argnums=0)
