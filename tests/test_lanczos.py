@@ -332,3 +332,18 @@ def test_a_short_budget_returns_only_the_pairs_found(mlp):
     np.testing.assert_allclose(np.linalg.norm(v), 1, rtol=1e-12)
     np.testing.assert_allclose(np.linalg.norm(h @ v - lam * v), res,
                                rtol=1e-8)
+
+
+def test_tol_zero_is_the_working_precision_and_counts_add_up():
+  spectrum = np.linspace(1.0, 10.0, 12) ** 2
+  loss, params, x, y, h = helpers.quadratic_problem(
+      spectrum, shapes=((4,), (2, 4)))
+  r = deeplanczos.lanczos(loss, params, [(x, y)], 3, tol=0, show_pbar=False)
+  assert r.converged
+  np.testing.assert_allclose(r.eigenvalues, spectrum[::-1][:3], rtol=1e-13)
+  assert np.all(r.residuals <= 10 * np.finfo(np.float64).eps * spectrum[-1])
+  assert r.residual_hvps == 3 and r.num_hvps == r.krylov_hvps + 3
+  assert r.krylov_hvps == len(r.ritz_history)
+  with pytest.raises(ValueError, match="tol must be a non-negative number"):
+    deeplanczos.lanczos(loss, params, [(x, y)], 3, tol=-1.0)
+  del h

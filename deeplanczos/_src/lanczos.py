@@ -61,8 +61,8 @@ class LanczosResult(NamedTuple):
       (``|beta s_{m,i}|``), which the stopping rule uses; it can fall below
       what the working precision attains, so ``converged`` trusts
       ``residuals``.
-    num_hvps: Hessian-vector products used, each one full pass over the data
-      (the ``p`` of the explicit residuals included).
+    num_hvps: Hessian-vector products used, each one full pass over the
+      data: ``krylov_hvps + residual_hvps``.
     converged: whether ``k`` pairs were found and every explicit residual
       meets ``tol``: ``residual_i <= max(tol |lambda_i|, 10 eps
       |lambda|_max)``, the second term the working precision's floor
@@ -73,6 +73,9 @@ class LanczosResult(NamedTuple):
     gap_ratio: ``lambda_1 / lambda_2``: near 1 means the top two are close
       and the eigenvectors are ill-determined.
     loss: the dataset loss at the parameters.
+    krylov_hvps: the products that built the Krylov space (the steps).
+    residual_hvps: the products that checked the residuals explicitly, one
+      per returned pair.
   """
   eigenvalues: np.ndarray
   eigenvectors: Any
@@ -83,6 +86,8 @@ class LanczosResult(NamedTuple):
   ritz_history: np.ndarray
   gap_ratio: float
   loss: float
+  krylov_hvps: int = 0
+  residual_hvps: int = 0
 
 
 def order(theta: np.ndarray, which: str) -> np.ndarray:
@@ -359,7 +364,7 @@ def result(op, state: LanczosState, run: driver.Run,
       residual_estimates=res[wanted], num_hvps=run.num_hvps + len(lam),
       converged=converged, ritz_history=state.ritz[:state.num_steps],
       gap_ratio=float(lam[0] / lam[1]) if len(lam) > 1 and lam[1] else np.inf,
-      loss=op.loss_value)
+      loss=op.loss_value, krylov_hvps=run.num_hvps, residual_hvps=len(lam))
 
 
 @api.takes_operator
@@ -381,7 +386,11 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
     key: PRNG key for the starting vector (default ``jax.random.key(0)``).
     ncv: the most basis vectors kept (memory: ``ncv + 1`` parameter-sized
       vectors); default ``max(2k + 1, 20)``.
-    tol: stop when every pair has ``||H v - lambda v|| <= tol * |lambda|``.
+    tol: a bound on the relative residual: stop when every pair's
+      estimate of ``||H v - lambda v||`` is at most ``tol * |lambda|``, and
+      call the result converged when the explicit residuals meet it too.
+      ``tol=0`` asks for the working precision (as in scipy's ``eigsh``):
+      ``eps`` of the vectors' dtype.
     max_hvps: stop after this many Hessian-vector products (the ``k``
       explicit residual checks come on top).
     v0: a starting vector shaped like the parameters.
@@ -402,14 +411,15 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
   ncv = max(2 * k + 1, 20) if ncv is None else ncv
   if not isinstance(ncv, (int, np.integer)) or ncv <= k and ncv < n:
     raise ValueError(f"ncv must be an integer larger than k={k}; got {ncv!r}.")
-  if not tol > 0:
-    raise ValueError(f"tol must be positive, got {tol!r}.")
+  if not tol >= 0:
+    raise ValueError(f"tol must be a non-negative number, got {tol!r}.")
   if not max_hvps >= 1:
     raise ValueError(f"max_hvps must be at least 1, got {max_hvps!r}.")
   key = jax.random.key(0) if key is None else key
   dtype = jnp.result_type(*jax.tree.leaves(op.template))
-  opts = _Options(k=k, which=which, tol=tol, size=min(ncv, n), dimension=n,
-                  tiny=100 * float(jnp.finfo(dtype).eps))
+  eps = float(jnp.finfo(dtype).eps)
+  opts = _Options(k=k, which=which, tol=max(tol, eps), size=min(ncv, n),
+                  dimension=n, tiny=100 * eps)
   state = init(op, power.unit_start(op, v0, key, "v0"), size=opts.size,
                max_hvps=max_hvps, k=k, key=key)
   method = driver.Method(

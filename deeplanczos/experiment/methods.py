@@ -46,6 +46,7 @@ def lanczos(op, config, task, **run):
           "residual_estimates": r.residual_estimates,
           "converged": r.converged, "gap_ratio": r.gap_ratio,
           "ritz_history": r.ritz_history, "num_hvps": r.num_hvps,
+          "krylov_hvps": r.krylov_hvps, "residual_hvps": r.residual_hvps,
           "loss": r.loss,
           "headline": f"{c.which} eigenvalues {np.round(r.eigenvalues, 6)}",
           "eigenpairs": (r.eigenvalues, r.eigenvectors)}
