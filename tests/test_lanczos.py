@@ -347,3 +347,37 @@ def test_tol_zero_is_the_working_precision_and_counts_add_up():
   with pytest.raises(ValueError, match="tol must be a non-negative number"):
     deeplanczos.lanczos(loss, params, [(x, y)], 3, tol=-1.0)
   del h
+
+
+@pytest.mark.parametrize("steps_per_call", [3, 8])
+def test_steps_in_compiled_blocks_match_step_by_step(mlp, steps_per_call):
+  loss, params, batches, h, w, u = mlp
+  one = deeplanczos.lanczos(loss, params, batches, 4, ncv=9, tol=1e-10,
+                            max_hvps=400, show_pbar=False)
+  r = deeplanczos.lanczos(loss, params, batches, 4, ncv=9, tol=1e-10,
+                          max_hvps=400, show_pbar=False,
+                          steps_per_call=steps_per_call)
+  assert r.converged
+  np.testing.assert_allclose(r.eigenvalues, w[::-1][:4], rtol=1e-9)
+  np.testing.assert_allclose(r.eigenvalues, one.eigenvalues, rtol=1e-12)
+  for i, v in enumerate(unstack(r.eigenvectors, 4)):
+    assert np.linalg.norm(h @ v - r.eigenvalues[i] * v) <= 1e-9 * w[-1]
+  # The steps after the converged one are discarded, but counted.
+  assert one.krylov_hvps <= r.krylov_hvps < one.krylov_hvps + steps_per_call
+  assert len(r.ritz_history) == len(one.ritz_history)
+  del u
+
+
+def test_blocks_through_breakdown_and_repeated_eigenvalues():
+  spectrum = [5, 5, 5, 3, 2, 2, 1, 0.5, 0.5, 0.1, -1, -1]
+  loss, params, x, y, h = helpers.quadratic_problem(
+      spectrum, shapes=((4,), (2, 4)))
+  r = deeplanczos.lanczos(loss, params, [(x, y)], 5, tol=1e-10,
+                          show_pbar=False, steps_per_call=4)
+  np.testing.assert_allclose(r.eigenvalues, [5, 5, 5, 3, 2], rtol=1e-10)
+  vs = np.stack(unstack(r.eigenvectors, 5))
+  np.testing.assert_allclose(vs @ vs.T, np.eye(5), atol=1e-10)
+  np.testing.assert_allclose(vs @ h @ vs.T, np.diag(r.eigenvalues),
+                             atol=1e-9)
+  with pytest.raises(ValueError, match="steps_per_call must be a positive"):
+    deeplanczos.lanczos(loss, params, [(x, y)], 2, steps_per_call=0)

@@ -159,6 +159,8 @@ NAN_METHODS = {
     "power, 3 per call": lambda op: deeplanczos.power_iteration(
         op, num_iterations=3, iterations_per_call=3, show_pbar=False),
     "lanczos": lambda op: deeplanczos.lanczos(op, 2, show_pbar=False),
+    "lanczos, 4 per call": lambda op: deeplanczos.lanczos(
+        op, 2, show_pbar=False, steps_per_call=4),
     "density": lambda op: deeplanczos.spectral_density(
         op, num_probes=2, num_steps=3, show_pbar=False),
     "hutchpp": lambda op: deeplanczos.hutchpp(op, num_hvps=6,
@@ -232,6 +234,8 @@ def test_a_second_call_of_every_method_compiles_nothing(caplog):
       "power": lambda: deeplanczos.power_iteration(op, num_iterations=3,
                                                    show_pbar=False),
       "lanczos": lambda: deeplanczos.lanczos(op, 2, show_pbar=False),
+      "lanczos blocks": lambda: deeplanczos.lanczos(op, 2, show_pbar=False,
+                                                    steps_per_call=4),
       "density": lambda: deeplanczos.spectral_density(
           op, num_probes=2, num_steps=4, show_pbar=False),
       "hutchinson": lambda: deeplanczos.hutchinson(op, num_probes=3,

@@ -19,6 +19,7 @@ leaf keeps its sharding; the tiny projected matrix ``T`` is solved in float64
 on the host.
 """
 
+import functools
 from typing import Any, NamedTuple
 import warnings
 
@@ -184,12 +185,7 @@ def expand(op, state: LanczosState, opts: _Options) -> LanczosState:
   """One product and its place in ``T``.
 
   ``w = H q_j``; ``alpha_j = <q_j, w>`` and ``w <- w - Q Q^T w`` (twice,
-  full reorthogonalization); ``beta = ||w||``. After a restart, the first
-  step also fills the arrow ``T[:j, j] = <q_i, w>``. Then it records the
-  wanted Ritz values and decides convergence: every wanted pair has
-  ``|beta s_{m,i}| <= tol |theta_i|``, ``beta`` is not at rounding noise
-  (where eigenvalues outside span(Q) are unseen), and the block since the
-  last breakdown has nothing more to find.
+  full reorthogonalization); ``beta = ||w||``; then :func:`record`.
   """
   j = state.j
   w = op.matvec(basis_lib.get(state.basis, j),
@@ -197,6 +193,19 @@ def expand(op, state: LanczosState, opts: _Options) -> LanczosState:
   w, c, beta = basis_lib.orthogonalize(state.basis, w, j + 1)
   c = sharding_lib.host_value(c).astype(np.float64)
   beta = float(sharding_lib.host_value(beta))
+  return record(state._replace(w=w), c, beta, opts)
+
+
+def record(state: LanczosState, c, beta, opts: _Options) -> LanczosState:
+  """A product's coefficients ``c = Q^T H q_j`` and ``beta`` put into ``T``.
+
+  After a restart, the first step also fills the arrow ``T[:j, j] = <q_i,
+  w>``. Then it records the wanted Ritz values and decides convergence:
+  every wanted pair has ``|beta s_{m,i}| <= tol |theta_i|``, ``beta`` is not
+  at rounding noise (where eigenvalues outside span(Q) are unseen), and the
+  block since the last breakdown has nothing more to find.
+  """
+  j = state.j
   t = state.t.copy()
   t[j, j] = c[j]
   if j == state.kept and j > 0:  # first step after a restart: the arrow
@@ -206,7 +215,7 @@ def expand(op, state: LanczosState, opts: _Options) -> LanczosState:
   history = state.ritz.copy()
   history[state.num_steps, :len(wanted)] = theta[wanted]
   scale = np.maximum(np.abs(theta[wanted]), opts.tiny * np.abs(theta).max())
-  state = state._replace(w=w, t=t, beta=beta, ritz=history,
+  state = state._replace(t=t, beta=beta, ritz=history,
                          num_steps=state.num_steps + 1,
                          exhausted=j + 1 == opts.dimension)
   eps = opts.tiny / 100
@@ -214,6 +223,91 @@ def expand(op, state: LanczosState, opts: _Options) -> LanczosState:
                and not _near_breakdown(beta, theta, eps)
                and (state.block == 0 or _block_done(state, opts)))
   return state._replace(converged=bool(converged))
+
+
+@functools.partial(jax.jit, static_argnames=("pass_fn", "n"),
+                   donate_argnums=(1,))
+def _steps(params, basis, data, j, count, *, pass_fn, n):
+  """Up to ``n`` Lanczos steps from slot ``j`` in one program.
+
+  Step ``i < count`` computes ``w = H q_{j+i}`` (one full pass), orthogonalizes
+  it against slots ``0..j+i`` and places ``q_{j+i+1} = w / beta``, as
+  :func:`expand` and :func:`advance` would without a breakdown or a restart;
+  the host decides those from ``T`` afterwards and discards the steps after
+  one. It stops early at a non-finite product.
+
+  Returns:
+    ``(basis, w, c, beta, stats)``: the last ``w``, and per step the
+    coefficients ``(n, m + 1)``, ``beta`` ``(n,)`` and the pass's
+    ``[count, loss, bad]`` ``(n, 3)``, NaN after the last step run.
+  """
+  size = jax.tree.leaves(basis)[0].shape[0]
+  dtype = tree_math.accumulation_dtype(jax.tree.leaves(basis)[0].dtype)
+
+  def body(carry):
+    i, basis, _, cs, betas, rows, _ = carry
+    hv, stats = pass_fn(params, basis_lib.get(basis, j + i), data)
+    w, c, beta = basis_lib.orthogonalize(basis, hv, j + i + 1)
+    nxt = tree_math.tree_scale(w, 1.0 / jnp.where(beta > 0, beta, 1.0))
+    basis = basis_lib.put(basis, j + i + 1, nxt)
+    return (i + 1, basis, w, cs.at[i].set(c.astype(dtype)),
+            betas.at[i].set(beta.astype(dtype)),
+            rows.at[i].set(stats.astype(dtype)), stats[2] >= 0)
+
+  carry = (0, basis, basis_lib.get(basis, j), jnp.full((n, size), jnp.nan, dtype),
+           jnp.full((n,), jnp.nan, dtype), jnp.full((n, 3), jnp.nan, dtype),
+           False)
+  if n == 1:  # no loop: XLA:CPU runs loop bodies without its fast kernels
+    carry = body(carry)
+  else:
+    carry = jax.lax.while_loop(lambda c: (c[0] < count) & ~c[6], body, carry)
+  _, basis, w, cs, betas, rows, _ = carry
+  return basis, w, cs, betas, rows
+
+
+def block(op, state: LanczosState, opts: _Options, n: int) -> LanczosState:
+  """Up to ``n`` steps in one program and one host read (data on devices).
+
+  The host then goes through them as :func:`record` and :func:`advance`
+  would step by step, and stops at the first step that converges or breaks
+  down, discarding the products after it (they are counted all the same).
+  """
+  pass_fn, data = op.pass_program()
+  count = min(n, opts.size - state.j, len(state.ritz) - state.num_steps)
+  basis, w, cs, betas, rows = _steps(op.params, state.basis, data,
+                                     np.int32(state.j), np.int32(count),
+                                     pass_fn=pass_fn, n=n)
+  cs, betas, rows = (sharding_lib.host_value(a).astype(np.float64)
+                     for a in (cs, betas, rows))
+  for i in range(count):
+    if np.isnan(rows[i, 0]):
+      break
+    op.account(rows[i], f"at Lanczos step {state.num_steps + i}")
+  state = state._replace(basis=basis, w=w)
+  for i in range(count):
+    if i:
+      state = _couple(state, opts)
+    state = record(state, cs[i], float(betas[i]), opts)
+    if state.converged or state.exhausted or (
+        i + 1 < count and _broken(state, opts)):
+      break
+  return state
+
+
+def _broken(state, opts) -> bool:
+  theta, _, _ = ritz(state.t, state.j, state.beta)
+  return state.beta <= opts.tiny * max(np.abs(theta).max(), 1e-300)
+
+
+def _couple(state, opts):
+  """:func:`advance` for a vector :func:`_steps` already placed."""
+  j, t = state.j, state.t.copy()
+  theta, _, _ = ritz(t, j, state.beta)
+  block_start = state.block
+  if _near_breakdown(state.beta, theta, opts.tiny / 100):
+    block_start = j + 1
+  t[j, j + 1] = t[j + 1, j] = state.beta
+  return state._replace(t=t, j=j + 1, block=block_start)
 
 
 def continue_after_breakdown(op, basis, count, key):
@@ -295,10 +389,14 @@ def advance(op, state: LanczosState, opts: _Options) -> LanczosState:
   return state._replace(basis=basis, t=t, j=l, kept=l, block=0, key=key)
 
 
-def step(op, state: LanczosState, opts: _Options) -> LanczosState:
-  """Places the pending vector (after the first step), then one product."""
+def step(op, state: LanczosState, opts: _Options,
+         steps_per_call: int = 0) -> LanczosState:
+  """Places the pending vector (after the first step), then one product, or
+  up to ``steps_per_call`` in one program (:func:`block`)."""
   if state.num_steps:
     state = advance(op, state, opts)
+  if steps_per_call:
+    return block(op, state, opts, steps_per_call)
   return expand(op, state, opts)
 
 
@@ -371,7 +469,8 @@ def result(op, state: LanczosState, run: driver.Run,
 def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
             key=None, ncv: int | None = None, tol: float = 1e-6,
             max_hvps: int = 1000, v0=None, show_pbar: bool = True,
-            checkpointer=None) -> LanczosResult:
+            checkpointer=None,
+            steps_per_call: int | None = None) -> LanczosResult:
   """``k`` eigenpairs of the Hessian of the dataset loss, by Lanczos.
 
   Also callable as ``lanczos(loss, params, batch_iterable, k, ...)`` with
@@ -398,9 +497,16 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``: the basis and
       the recurrence's state are saved after steps and restored, if saved
       before, at the start.
-
-  Returns:
-    A :class:`LanczosResult`.
+    steps_per_call: with the data on the devices (in one program), run up
+      to this many steps (products, reorthogonalizations, basis updates) in
+      one compiled loop with one host read; the host then reads ``T`` and
+      decides convergence, breakdowns and restarts, discarding the steps
+      after the one that converged (they count in ``krylov_hvps``). None
+      (the default) runs and reads one step at a time. It pays where a
+      product is cheap next to a host round trip (small dense models; GPUs
+      and TPUs): 0.91x the bare product time per product on the digits MLP
+      with 8, against 1.34x step by step; XLA:CPU runs loop bodies without
+      its fast convolutions, so there it costs 3.4x on the digits CNN.
   """
   n = tree_math.tree_size(op.template)
   if which not in WHICH:
@@ -420,11 +526,17 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
   eps = float(jnp.finfo(dtype).eps)
   opts = _Options(k=k, which=which, tol=max(tol, eps), size=min(ncv, n),
                   dimension=n, tiny=100 * eps)
+  if steps_per_call is not None and (
+      not isinstance(steps_per_call, (int, np.integer)) or steps_per_call < 1):
+    raise ValueError("steps_per_call must be a positive integer or None; got "
+                     f"{steps_per_call!r}.")
+  steps = (steps_per_call if steps_per_call and op.pass_program() is not None
+           else 0)
   state = init(op, power.unit_start(op, v0, key, "v0"), size=opts.size,
                max_hvps=max_hvps, k=k, key=key)
   method = driver.Method(
       name=f"lanczos {which} k={k}",
-      step=lambda op, s: step(op, s, opts),
+      step=lambda op, s: step(op, s, opts, steps),
       done=lambda s: s.converged or s.exhausted,
       planned_hvps=max_hvps,
       postfix=lambda s: {"ritz": f"{s.ritz[s.num_steps - 1, 0]:.6g}"})
