@@ -37,7 +37,8 @@ setuptools.setup(
         "test": ["pytest", "pytest-xdist", "scipy", "scikit-learn"],
         # Install a CPU build of torch first (pip install torch --index-url
         # https://download.pytorch.org/whl/cpu), or pip fetches a CUDA one.
-        "bench": ["torch", "pyhessian", "scipy"],
+        "bench": ["torch", "pyhessian", "scipy", "matfree",
+                  "curvlinops-for-pytorch", "hessian-eigenthings"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

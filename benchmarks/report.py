@@ -8,6 +8,7 @@ and package versions:
   pyhessian_compare  per iteration, compile and warm call against PyHessian
   scaling            seconds per iteration against parameters and data
   lanczos            HVPs to converge: Lanczos, scipy eigsh, power + deflation
+  peers              top-5 and top-20 eigenpairs against every peer
   memory             per-device memory on meshes of 8 fake devices
   processes          time per iteration with 1 and 2 processes on 127.0.0.1
   large_model        a 63M-parameter Transformer, FSDP on 8 fake devices
@@ -31,11 +32,12 @@ import sys
 from benchmarks import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PARTS = ("hvp_cost", "pyhessian_compare", "scaling", "lanczos", "memory",
-         "processes", "large_model", "projection")
+PARTS = ("hvp_cost", "pyhessian_compare", "scaling", "lanczos", "peers",
+         "memory", "processes", "large_model", "projection")
 RESULT = {"pyhessian_compare": "pyhessian"}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
-            "numpy", "scipy", "torch", "pyhessian")
+            "numpy", "scipy", "torch", "pyhessian", "matfree",
+            "curvlinops-for-pytorch", "hessian-eigenthings")
 
 
 def version(name):
@@ -65,7 +67,7 @@ def main():
        "--reuse ...` from the tables in benchmarks/results/ ("
        + (", ".join(p for p in PARTS if p not in reuse) or "no part")
        + " measured in this run; " + ", ".join(reuse)
-       + " kept from earlier runs on the same machine that day)")
+       + " kept from earlier report runs on this kind of machine)")
       + ", all on one machine: "
       f"{os.cpu_count()} CPU cores ({cpu}), no accelerator; Python "
       f"{platform.python_version()}; "

@@ -1,0 +1,358 @@
+r"""Top eigenpairs against every peer: the same model, weights and batches.
+
+The digits ReLU MLP (64-32-32-10: configs/mlp_digits.py with features
+(32, 32), 3,466 parameters), trained by the launcher's recipe, its
+weights copied into an identical torch model; 1797 examples in batches of
+256 (the last of 8 has 5). The loss is the mean cross-entropy over all 1797
+examples, weighted by example in every tool (hessian-eigenthings averages
+per-batch losses with equal weights, so its batches get a loss scaled by
+their share of the examples).
+
+For the top 5 (largest algebraic) in float32 and the top 20 in float64, each
+tool runs to its documented tolerance settings chosen so that its
+eigenvalues land within 1e-6 (float32: 1e-5) of the dense float64 answer
+where it can: deeplanczos.lanczos (step by step, and 8 steps per compiled
+call), scipy's eigsh on a jitted JAX HVP, matfree's tridiagonalisation
+(Krylov depth fixed, one compiled program), curvlinops + eigsh,
+hessian-eigenthings' Lanczos, and PyHessian's power iteration with
+deflation. Reported: HVPs (full passes over the data), the median of 5 warm
+calls, the first call (with compilation or set-up), and the largest relative
+eigenvalue error and relative residual ||H v - lambda v|| / |lambda| against
+the dense float64 Hessian.
+
+Timings on 2 shared cores: OMP_WAIT_POLICY=PASSIVE for torch and
+OPENBLAS_NUM_THREADS=1 for the small dense eigh, set below before numpy and
+torch start; without them the numbers are noise.
+
+  python -m benchmarks.peers      (needs the bench extra and the peers:
+  pip install curvlinops-for-pytorch hessian-eigenthings matfree)
+
+Writes benchmarks/results/peers.md.
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import statistics  # pylint: disable=g-import-not-at-top,wrong-import-position
+import time  # pylint: disable=g-import-not-at-top,wrong-import-position
+import warnings  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+jax.config.update("jax_enable_x64", True)
+
+from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from scipy.sparse import linalg as sparse_linalg  # pylint: disable=g-import-not-at-top,wrong-import-position
+import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import deeplanczos  # pylint: disable=g-import-not-at-top,wrong-import-position
+from deeplanczos import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
+from deeplanczos import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FEATURES = (32, 32)
+BATCH = 256
+CASES = ((5, np.float32, 1e-5), (20, np.float64, 1e-6))  # k, dtype, target
+
+
+def problem():
+  config = experiment.base_config()
+  config.model.features = FEATURES
+  task = experiment.tasks.mlp_digits(config)
+  params = experiment.train(task, config).params
+  return task, params
+
+
+def jax_loss(dtype):
+  model = models.MLP(FEATURES)
+
+  def loss(params, x, y):
+    logits = model.apply(params, x.astype(dtype))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss
+
+
+def dense(task, params):
+  """The dense float64 Hessian of the whole-data loss, and its eigh."""
+  p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+  flat, unravel = ravel_pytree(p64)
+  loss = jax_loss(jnp.float64)
+  x = jnp.asarray(task.x, jnp.float64)
+  h = jax.jit(jax.hessian(lambda f: loss(unravel(f), x, task.y)))(flat)
+  h = np.asarray(h)
+  w, _ = np.linalg.eigh(h)
+  return h, w
+
+
+def errors(h, w, k, values, vectors):
+  """Largest relative eigenvalue error and relative residual, in float64."""
+  values = np.sort(np.asarray(values, np.float64))[::-1][:k]
+  true = w[::-1][:k]
+  err = np.max(np.abs(values - true) / np.abs(true)) if len(values) == k else (
+      np.inf)
+  vecs = np.asarray(vectors, np.float64)
+  lam = vecs @ h @ vecs.T  # Rayleigh quotients on the diagonal
+  res = max(np.linalg.norm(h @ v - lam[i, i] * v) / abs(lam[i, i])
+            for i, v in enumerate(vecs))
+  return err, res
+
+
+def timed(run, repeats=5):
+  start = time.perf_counter()
+  out = run()
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return out, first, statistics.median(times)
+
+
+def batches_of(task, dtype):
+  return [(task.x[i:i + BATCH].astype(dtype), task.y[i:i + BATCH])
+          for i in range(0, len(task.y), BATCH)]
+
+
+def ours(task, params, k, dtype, target, **options):
+  p = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+  op = deeplanczos.HessianOperator(jax_loss(dtype), p, batches_of(task, dtype))
+
+  def run():
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", deeplanczos.ConvergenceWarning)
+      r = deeplanczos.lanczos(op, k, tol=target, ncv=max(2 * k + 1, 20),
+                              show_pbar=False, **options)
+    vecs = [ravel_pytree(jax.tree.map(lambda a, i=i: a[i], r.eigenvectors))[0]
+            for i in range(len(r.eigenvalues))]
+    return r.eigenvalues, np.stack(vecs), r.num_hvps
+  return timed(run)
+
+
+def flat_hvp(task, params, dtype):
+  """A jitted whole-data HVP on the flat parameter vector, as a user writes."""
+  flat, unravel = ravel_pytree(jax.tree.map(lambda a: jnp.asarray(a, dtype),
+                                            params))
+  loss = jax_loss(dtype)
+  batches = batches_of(task, dtype)
+  n = len(task.y)
+
+  @jax.jit
+  def hvp(v):
+    out = jnp.zeros_like(v)
+    for x, y in batches:
+      g = lambda f, x=x, y=y: jax.grad(lambda f: loss(unravel(f), x, y))(f)
+      out = out + len(y) / n * jax.jvp(g, (flat,), (v,))[1]
+    return out
+  return flat, hvp
+
+
+def eigsh_on_jax(task, params, k, dtype, target):
+  flat, hvp = flat_hvp(task, params, dtype)
+  count = [0]
+
+  def matvec(v):
+    count[0] += 1
+    return np.asarray(hvp(jnp.asarray(v, dtype)), np.float64)
+
+  def run():
+    count[0] = 0
+    op = sparse_linalg.LinearOperator((flat.size,) * 2, matvec=matvec,
+                                      dtype=np.float64)
+    w, v = sparse_linalg.eigsh(op, k, which="LA", tol=target,
+                               v0=np.ones(flat.size), ncv=max(2 * k + 1, 20))
+    return w, v.T, count[0]
+  return timed(run)
+
+
+def matfree_depth(task, params, k, dtype, depth):
+  from matfree import decomp  # pylint: disable=g-import-not-at-top
+  flat, hvp = flat_hvp(task, params, dtype)
+  tridiag = decomp.tridiag_sym(depth, reortho="full", custom_vjp=False)
+
+  @jax.jit
+  def eig(v0):
+    q, t, _, _ = tridiag(hvp, v0)
+    theta, s = jnp.linalg.eigh(t)
+    q = q if q.shape[0] == flat.size else q.T
+    return theta, (q @ s).T
+
+  v0 = jnp.full(flat.size, 1 / np.sqrt(flat.size), dtype)
+
+  def run():
+    theta, vecs = jax.block_until_ready(eig(v0))
+    order = np.argsort(-np.asarray(theta))[:k]
+    return np.asarray(theta)[order], np.asarray(vecs)[order], depth
+  return timed(run)
+
+
+def torch_model(params, dtype):
+  p = params["params"]
+  layers = [torch.nn.Linear(64, FEATURES[0]), torch.nn.ReLU(),
+            torch.nn.Linear(FEATURES[0], FEATURES[1]), torch.nn.ReLU(),
+            torch.nn.Linear(FEATURES[1], 10)]
+  model = torch.nn.Sequential(torch.nn.Flatten(), *layers).to(
+      torch.float64 if dtype == np.float64 else torch.float32)
+  with torch.no_grad():
+    for layer, name in zip(layers[::2], ("Dense_0", "Dense_1", "Dense_2")):
+      layer.weight.copy_(torch.from_numpy(
+          np.asarray(p[name]["kernel"], dtype).T.copy()))
+      layer.bias.copy_(torch.from_numpy(np.asarray(p[name]["bias"], dtype)))
+  return model
+
+
+def torch_batches(task, dtype):
+  return [(torch.from_numpy(x), torch.from_numpy(np.asarray(y)).long())
+          for x, y in batches_of(task, dtype)]
+
+
+def torch_vectors(vectors, model):
+  """Torch eigenvectors (lists of per-parameter tensors) as flat numpy rows,
+  reordered to flax's (kernel = weight^T) raveled layout."""
+  rows = []
+  for vec in vectors:
+    parts = dict(zip([n for n, _ in model.named_parameters()], vec))
+    leaves = {}
+    for i, name in ((1, "Dense_0"), (3, "Dense_1"), (5, "Dense_2")):
+      leaves[name] = {"bias": parts[f"{i}.bias"].detach().numpy(),
+                      "kernel": parts[f"{i}.weight"].detach().numpy().T}
+    rows.append(np.asarray(ravel_pytree({"params": leaves})[0]))
+  return np.stack(rows)
+
+
+def curvlinops_eigsh(task, params, k, dtype, target):
+  from curvlinops import HessianLinearOperator  # pylint: disable=g-import-not-at-top
+  model = torch_model(params, dtype)
+  data = torch_batches(task, dtype)
+  loss = torch.nn.CrossEntropyLoss()
+  count = [0]
+
+  def run():
+    count[0] = 0
+    op = HessianLinearOperator(model, loss, list(model.parameters()), data)
+    scipy_op = op.to_scipy() if hasattr(op, "to_scipy") else op
+    matvec = scipy_op.matvec
+
+    def counted(v):
+      count[0] += 1
+      return np.asarray(matvec(v.astype(dtype)), np.float64)
+    wrapped = sparse_linalg.LinearOperator(scipy_op.shape, matvec=counted,
+                                           dtype=np.float64)
+    w, v = sparse_linalg.eigsh(wrapped, k, which="LA", tol=target,
+                               v0=np.ones(scipy_op.shape[0]),
+                               ncv=max(2 * k + 1, 20))
+    return w, v.T, count[0]
+  (w, v, n), first, warm = timed(run)
+  return (w, _torch_flat_to_flax(v, model), n), first, warm
+
+
+def _torch_flat_to_flax(rows, model):
+  shapes = [p.shape for p in model.parameters()]
+  out = []
+  for row in rows:
+    parts, start = [], 0
+    for s in shapes:
+      size = int(np.prod(s))
+      parts.append(torch.from_numpy(row[start:start + size].reshape(s)))
+      start += size
+    out.append(parts)
+  return torch_vectors(out, model)
+
+
+def eigenthings(task, params, k, dtype, steps):
+  import hessian_eigenthings as he  # pylint: disable=g-import-not-at-top
+  model = torch_model(params, dtype)
+  n = len(task.y)
+  data = torch_batches(task, dtype)
+
+  def weighted(outputs, targets):  # its batches are averaged equally
+    return torch.nn.functional.cross_entropy(outputs, targets) * (
+        len(targets) * len(data) / n)
+
+  def run():
+    op = he.HessianOperator(model, data, he.supervised_loss(weighted))
+    r = he.lanczos(op, k=k, max_iter=steps, which="LA", seed=0)
+    vectors = r.eigenvectors.detach().numpy()
+    return r.eigenvalues.detach().numpy(), vectors, r.iterations
+  (w, v, hvps), first, warm = timed(run)
+  return (w, _torch_flat_to_flax(v, model), hvps), first, warm
+
+
+def pyhessian_deflation(task, params, k, dtype, target):
+  from pyhessian import hessian  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = torch_model(params, dtype).eval()
+  data = torch_batches(task, dtype)
+  count = [0]
+
+  def run():
+    count[0] = 0
+    h = hessian(model, torch.nn.CrossEntropyLoss(), dataloader=data,
+                cuda=False)
+    product = h.dataloader_hv_product
+
+    def counted(v):
+      count[0] += 1
+      return product(v)
+    h.dataloader_hv_product = counted
+    values, vectors = h.eigenvalues(maxIter=1000, tol=target, top_n=k)
+    return values, torch_vectors(vectors, model), count[0]
+  return timed(run)
+
+
+def main():
+  torch.set_num_threads(2)
+  task, params = problem()
+  h, w = dense(task, params)
+  n = h.shape[0]
+  sections = []
+  for k, dtype, target in CASES:
+    tools = {
+        "deeplanczos.lanczos": lambda: ours(task, params, k, dtype, target),
+        "deeplanczos.lanczos, steps_per_call=8": lambda: ours(
+            task, params, k, dtype, target, steps_per_call=8),
+        "scipy eigsh on a jitted JAX HVP": lambda: eigsh_on_jax(
+            task, params, k, dtype, target),
+        f"matfree 0.6.3 tridiag_sym, depth {3 * k if k > 5 else 30}": (
+            lambda: matfree_depth(task, params, k, dtype,
+                                  3 * k if k > 5 else 30)),
+        "curvlinops + eigsh": lambda: curvlinops_eigsh(task, params, k, dtype,
+                                                       target),
+        f"hessian-eigenthings 1.0.0a5 ({6 * k} steps)": lambda: eigenthings(
+            task, params, k, dtype, 6 * k),
+        "PyHessian (power iteration with deflation)": (
+            lambda: pyhessian_deflation(task, params, k, dtype, target)),
+    }
+    rows = []
+    for name, run in tools.items():
+      try:
+        (values, vectors, hvps), first, warm = run()
+        err, res = errors(h, w, k, values, vectors)
+        rows.append([name, hvps, f"{warm:.3f}", f"{first:.2f}", f"{err:.1e}",
+                     f"{res:.1e}"])
+      except Exception as e:  # pylint: disable=broad-except
+        rows.append([name, "-", "-", "-", f"failed: {type(e).__name__}: "
+                     f"{str(e)[:80]}", "-"])
+      print(rows[-1], flush=True)
+    sections.append(
+        f"Top {k}, {np.dtype(dtype).name}, tolerances for a {target:g} "
+        "relative error:\n\n" + common.table(
+            ["tool", "HVPs", "warm s (median of 5)", "first call s",
+             "max eigenvalue error", "max relative residual"], rows))
+  common.write(
+      "peers", "Top eigenpairs against every peer (same model, weights, "
+      "batches)",
+      f"Digits MLP 64-32-32-10 ({n:,} parameters), 1797 examples in batches "
+      f"of {BATCH}, mean cross-entropy weighted by example; errors against "
+      "the dense float64 Hessian's eigh. torch "
+      f"{torch.__version__} with 2 threads, OMP_WAIT_POLICY=PASSIVE, "
+      "OPENBLAS_NUM_THREADS=1.\n\n" + "\n\n".join(sections))
+
+
+if __name__ == "__main__":
+  main()
