@@ -275,3 +275,20 @@ def test_split_over_all_devices_adds_fsdp_to_tensor_parallel():
   placed = sharding_lib.put(params, both)
   assert per_device_bytes(placed) <= 1.1 * sum(
       a.nbytes for a in jax.tree.leaves(placed)) / 8
+
+
+def test_lanczos_blocks_on_an_fsdp_mesh_match_one_device():
+  loss, params, x, y = wide_mlp_problem()
+  batches = helpers.batches_of(x, y, [16, 16, 16, 8, 5])
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  shardings = deeplanczos.infer_sharding(params, mesh, fsdp_axis="data",
+                                         min_size=1)
+  sharded = sharding_lib.put(params, shardings)
+  ref = deeplanczos.lanczos(loss, params, batches, 3, tol=1e-9,
+                            show_pbar=False)
+  got = deeplanczos.lanczos(loss, sharded, batches, 3, tol=1e-9,
+                            show_pbar=False, steps_per_call=4)
+  assert got.converged
+  np.testing.assert_allclose(got.eigenvalues, ref.eigenvalues, rtol=1e-6)
+  kernel = got.eigenvectors["params"]["Dense_0"]["kernel"]
+  assert kernel.addressable_shards[0].data.size == kernel.size // 8
