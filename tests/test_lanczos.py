@@ -381,3 +381,21 @@ def test_blocks_through_breakdown_and_repeated_eigenvalues():
                              atol=1e-9)
   with pytest.raises(ValueError, match="steps_per_call must be a positive"):
     deeplanczos.lanczos(loss, params, [(x, y)], 2, steps_per_call=0)
+
+
+def test_hutchinson_probes_in_one_batched_pass_match_one_at_a_time(mlp):
+  loss, params, batches, h, _, _ = mlp
+  op = deeplanczos.HessianOperator(loss, params, batches)
+  one = deeplanczos.hutchinson(op, num_probes=7, show_pbar=False)
+  many = deeplanczos.hutchinson(op, num_probes=7, probes_per_call=3,
+                                show_pbar=False)
+  np.testing.assert_allclose(many.samples, one.samples, rtol=1e-12)
+  assert many.num_hvps == 7
+  # Each sample is z^T H z for a Rademacher z of the dense Hessian's size.
+  assert abs(many.estimate - np.trace(h)) < 4 * many.stderr
+  streamed = deeplanczos.HessianOperator(loss, params, batches,
+                                         data_on_device=False)
+  vs = jax.tree.map(lambda a: np.stack([a, 2 * a]), params)
+  hv = streamed.matvecs(vs)
+  np.testing.assert_allclose(helpers.flat(jax.tree.map(lambda a: a[1], hv)),
+                             2 * h @ helpers.flat(params), rtol=1e-10)

@@ -97,6 +97,12 @@ class PassFn(NamedTuple):
                                      padded=self.padded, unroll=self.unroll)
 
 
+@functools.partial(jax.jit, static_argnames="pass_fn")
+def _many(params, vectors, data, *, pass_fn):
+  """``pass_fn`` for a stack of vectors: one program, products in parallel."""
+  return jax.vmap(pass_fn, in_axes=(None, 0, None))(params, vectors, data)
+
+
 class HessianOperator:
   """``v -> H v`` for the Hessian of a loss averaged over a whole dataset.
 
@@ -381,6 +387,25 @@ class HessianOperator:
     else:
       hv, stats = self._stream_pass(v, where)
     self.account(sharding_lib.host_value(stats), where)
+    return hv
+
+  def matvecs(self, vectors, *, where: str = ""):
+    """``H v_i`` for a stack of vectors (a leading axis on every leaf).
+
+    With the data on the devices in one program, all of them are one
+    compiled pass (``vmap`` over the vectors: the data is read once and the
+    products share it); otherwise one pass each. Each counts as a product.
+    """
+    count = jax.tree.leaves(vectors)[0].shape[0]
+    program = self.pass_program()
+    if program is None:
+      return jax.tree.map(lambda *a: jnp.stack(a), *[
+          self.matvec(jax.tree.map(lambda a, i=i: a[i], vectors),
+                      where=f"{where}, vector {i}") for i in range(count)])
+    pass_fn, data = program
+    hv, stats = _many(self.params, vectors, data, pass_fn=pass_fn)
+    for i, row in enumerate(sharding_lib.host_value(stats)):
+      self.account(row, f"{where}, vector {i}")
     return hv
 
   def account(self, stats, where: str = ""):

@@ -56,18 +56,34 @@ class HutchinsonState(NamedTuple):
   count: int
 
 
-def hutchinson_step(op, state: HutchinsonState, keys) -> HutchinsonState:
-  """One Rademacher probe ``z``: the sample ``z^T H z``, ``E = tr(H)``."""
+_vdots = jax.jit(jax.vmap(tree_math.tree_vdot))
+
+
+def hutchinson_step(op, state: HutchinsonState, keys,
+                    per_call: int = 1) -> HutchinsonState:
+  """Rademacher probes ``z``: the samples ``z^T H z``, ``E = tr(H)``.
+
+  One probe, or up to ``per_call`` of them as one batched pass
+  (:meth:`HessianOperator.matvecs`).
+  """
   i = state.count
-  z = op.random_vector(keys[i], kind="rademacher", normalize=False)
   samples = state.samples.copy()
-  samples[i] = _quadratic_form(op, z, f"for probe {i}")
-  return HutchinsonState(samples, i + 1)
+  if per_call == 1:
+    z = op.random_vector(keys[i], kind="rademacher", normalize=False)
+    samples[i] = _quadratic_form(op, z, f"for probe {i}")
+    return HutchinsonState(samples, i + 1)
+  n = min(per_call, len(samples) - i)
+  zs = [op.random_vector(keys[i + j], kind="rademacher", normalize=False)
+        for j in range(n)]
+  z = jax.tree.map(lambda *a: jax.numpy.stack(a), *zs)
+  hz = op.matvecs(z, where=f"for probes {i} to {i + n - 1}")
+  samples[i:i + n] = sharding_lib.host_value(_vdots(z, hz))
+  return HutchinsonState(samples, i + n)
 
 
 @api.takes_operator
 def hutchinson(op, *, num_probes: int = 30, key=None, show_pbar: bool = True,
-               checkpointer=None) -> TraceResult:
+               checkpointer=None, probes_per_call: int = 1) -> TraceResult:
   """Hutchinson's estimate of the Hessian's trace from Rademacher probes.
 
   Also callable as ``hutchinson(loss, params, batch_iterable, ...)`` with
@@ -79,13 +95,21 @@ def hutchinson(op, *, num_probes: int = 30, key=None, show_pbar: bool = True,
     key: PRNG key (default ``jax.random.key(0)``).
     show_pbar: a tqdm bar over probes.
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``.
+    probes_per_call: with the data on the devices, run this many probes as
+      one batched pass (``vmap`` over the probes: the data is read once and
+      the products share it); memory grows with it (that many vectors and
+      their tangents at once). The samples are the same to rounding.
   """
   if not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
     raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}.")
+  if not isinstance(probes_per_call, (int, np.integer)) or probes_per_call < 1:
+    raise ValueError("probes_per_call must be a positive integer, got "
+                     f"{probes_per_call!r}.")
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           num_probes)
   method = driver.Method(
-      name="Hutchinson", step=lambda op, s: hutchinson_step(op, s, keys),
+      name="Hutchinson",
+      step=lambda op, s: hutchinson_step(op, s, keys, probes_per_call),
       done=lambda s: s.count == num_probes, planned_hvps=num_probes)
   state = HutchinsonState(np.full(num_probes, np.nan), 0)
   run = driver.run(op, method, state, checkpointer=checkpointer,
