@@ -399,3 +399,15 @@ def test_hutchinson_probes_in_one_batched_pass_match_one_at_a_time(mlp):
   hv = streamed.matvecs(vs)
   np.testing.assert_allclose(helpers.flat(jax.tree.map(lambda a: a[1], hv)),
                              2 * h @ helpers.flat(params), rtol=1e-10)
+
+
+def test_hutchpp_in_batched_passes_matches_one_product_at_a_time(mlp):
+  loss, params, batches, h, _, _ = mlp
+  op = deeplanczos.HessianOperator(loss, params, batches)
+  one = deeplanczos.hutchpp(op, num_hvps=15, show_pbar=False)
+  many = deeplanczos.hutchpp(op, num_hvps=15, probes_per_call=4,
+                             show_pbar=False)
+  np.testing.assert_allclose(many.samples, one.samples, rtol=1e-10)
+  np.testing.assert_allclose(many.estimate, one.estimate, rtol=1e-10)
+  assert many.num_hvps == one.num_hvps == 15
+  assert abs(many.estimate - np.trace(h)) < 4 * many.stderr + 1e-9

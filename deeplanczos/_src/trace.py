@@ -38,6 +38,7 @@ class TraceResult(NamedTuple):
 
 
 _vdot = jax.jit(tree_math.tree_vdot)
+_vdots = jax.jit(jax.vmap(tree_math.tree_vdot))
 
 
 def _quadratic_form(op, z, where):
@@ -50,13 +51,40 @@ def _stderr(samples):
       samples) > 1 else float("inf")
 
 
+def _stack(vectors):
+  return jax.tree.map(lambda *a: jax.numpy.stack(a), *vectors)
+
+
+def _unstack(stacked, n):
+  return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
+
+
+def _products(op, vectors, where):
+  """``[H v for v in vectors]``: one pass, or one batched pass for several."""
+  if len(vectors) == 1:
+    return [op.matvec(vectors[0], where=where)]
+  return _unstack(op.matvecs(_stack(vectors), where=where), len(vectors))
+
+
+def _forms(op, vectors, where):
+  """``[v^T H v for v in vectors]``."""
+  if len(vectors) == 1:
+    return [_quadratic_form(op, vectors[0], where)]
+  stacked = _stack(vectors)
+  hv = op.matvecs(stacked, where=where)
+  return list(sharding_lib.host_value(_vdots(stacked, hv)).astype(float))
+
+
 class HutchinsonState(NamedTuple):
   """``count`` samples ``z^T H z`` drawn, in ``samples`` (NaN beyond)."""
   samples: np.ndarray
   count: int
 
 
-_vdots = jax.jit(jax.vmap(tree_math.tree_vdot))
+def _check_per_call(value):
+  if not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"probes_per_call must be a positive integer, got "
+                     f"{value!r}.")
 
 
 def hutchinson_step(op, state: HutchinsonState, keys,
@@ -67,18 +95,16 @@ def hutchinson_step(op, state: HutchinsonState, keys,
   (:meth:`HessianOperator.matvecs`).
   """
   i = state.count
+  n = min(per_call, len(state.samples) - i)
   samples = state.samples.copy()
-  if per_call == 1:
-    z = op.random_vector(keys[i], kind="rademacher", normalize=False)
-    samples[i] = _quadratic_form(op, z, f"for probe {i}")
-    return HutchinsonState(samples, i + 1)
-  n = min(per_call, len(samples) - i)
-  zs = [op.random_vector(keys[i + j], kind="rademacher", normalize=False)
-        for j in range(n)]
-  z = jax.tree.map(lambda *a: jax.numpy.stack(a), *zs)
-  hz = op.matvecs(z, where=f"for probes {i} to {i + n - 1}")
-  samples[i:i + n] = sharding_lib.host_value(_vdots(z, hz))
+  samples[i:i + n] = _forms(
+      op, [op.random_vector(keys[i + j], kind="rademacher", normalize=False)
+           for j in range(n)], _which("probe", i, n))
   return HutchinsonState(samples, i + n)
+
+
+def _which(name, i, n):
+  return f"for {name} {i}" if n == 1 else f"for {name}s {i} to {i + n - 1}"
 
 
 @api.takes_operator
@@ -102,9 +128,7 @@ def hutchinson(op, *, num_probes: int = 30, key=None, show_pbar: bool = True,
   """
   if not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
     raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}.")
-  if not isinstance(probes_per_call, (int, np.integer)) or probes_per_call < 1:
-    raise ValueError("probes_per_call must be a positive integer, got "
-                     f"{probes_per_call!r}.")
+  _check_per_call(probes_per_call)
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           num_probes)
   method = driver.Method(
@@ -141,8 +165,9 @@ class HutchppState(NamedTuple):
   count: int
 
 
-def hutchpp_step(op, state: HutchppState, keys, sketch, tiny):
-  """One product: a sketch vector, an exact term, or a deflated probe.
+def hutchpp_step(op, state: HutchppState, keys, sketch, tiny, per_call=1):
+  """Products of one phase: sketch vectors, exact terms, or deflated probes
+  (one, or up to ``per_call`` as one batched pass).
 
   First ``Q = orth(H S)`` for Rademacher ``S`` (columns of negligible norm
   after orthogonalization are skipped: ``H S`` has a smaller rank), then
@@ -150,32 +175,39 @@ def hutchpp_step(op, state: HutchppState, keys, sketch, tiny):
   """
   if state.sketched < sketch:
     i = state.sketched
-    s = op.random_vector(keys[i], kind="rademacher", normalize=False)
-    y = op.matvec(s, where=f"for sketch vector {i}")
-    y_norm = float(sharding_lib.host_value(tree_math.tree_norm(y)))
-    y, _, norm = basis_lib.orthogonalize(state.q, y, state.rank)
-    norm = float(sharding_lib.host_value(norm))
-    if norm <= tiny * y_norm:
-      return state._replace(sketched=i + 1)
-    return state._replace(
-        q=basis_lib.put(state.q, state.rank, basis_lib.scale(y, 1.0 / norm)),
-        rank=state.rank + 1, sketched=i + 1)
+    n = min(per_call, sketch - i)
+    ys = _products(op, [op.random_vector(keys[i + j], kind="rademacher",
+                                         normalize=False) for j in range(n)],
+                   _which("sketch vector", i, n))
+    q, rank = state.q, state.rank
+    for y in ys:
+      y_norm = float(sharding_lib.host_value(tree_math.tree_norm(y)))
+      y, _, norm = basis_lib.orthogonalize(q, y, rank)
+      norm = float(sharding_lib.host_value(norm))
+      if norm > tiny * y_norm:
+        q = basis_lib.put(q, rank, basis_lib.scale(y, 1.0 / norm))
+        rank += 1
+    return state._replace(q=q, rank=rank, sketched=i + n)
   if state.summed < state.rank:
     i = state.summed
-    term = _quadratic_form(op, basis_lib.get(state.q, i),
-                           f"for basis vector {i}")
-    return state._replace(exact=state.exact + term, summed=i + 1)
+    n = min(per_call, state.rank - i)
+    terms = _forms(op, [basis_lib.get(state.q, i + j) for j in range(n)],
+                   _which("basis vector", i, n))
+    return state._replace(exact=state.exact + sum(terms), summed=i + n)
   i = state.count
-  z = op.random_vector(keys[sketch + i], kind="rademacher", normalize=False)
-  z, _, _ = basis_lib.orthogonalize(state.q, z, state.rank)
+  n = min(per_call, len(state.samples) - i)
+  zs = [basis_lib.orthogonalize(
+      state.q, op.random_vector(keys[sketch + i + j], kind="rademacher",
+                                normalize=False), state.rank)[0]
+        for j in range(n)]
   samples = state.samples.copy()
-  samples[i] = _quadratic_form(op, z, f"for probe {i}")
-  return state._replace(samples=samples, count=i + 1)
+  samples[i:i + n] = _forms(op, zs, _which("probe", i, n))
+  return state._replace(samples=samples, count=i + n)
 
 
 @api.takes_operator
 def hutchpp(op, *, num_hvps: int = 60, key=None, show_pbar: bool = True,
-            checkpointer=None) -> TraceResult:
+            checkpointer=None, probes_per_call: int = 1) -> TraceResult:
   """The Hutch++ estimate of the Hessian's trace within ``num_hvps`` HVPs.
 
   Also callable as ``hutchpp(loss, params, batch_iterable, ...)`` with the
@@ -188,7 +220,11 @@ def hutchpp(op, *, num_hvps: int = 60, key=None, show_pbar: bool = True,
     key: PRNG key (default ``jax.random.key(0)``).
     show_pbar: a tqdm bar over the products.
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``.
+    probes_per_call: with the data on the devices, run up to this many
+      products of a phase (sketch vectors, exact terms, probes) as one
+      batched pass, as :func:`hutchinson` does.
   """
+  _check_per_call(probes_per_call)
   if not isinstance(num_hvps, (int, np.integer)) or num_hvps < 3:
     raise ValueError(f"num_hvps must be an integer of at least 3, got {num_hvps!r}.")
   sketch = num_hvps // 3
@@ -201,7 +237,7 @@ def hutchpp(op, *, num_hvps: int = 60, key=None, show_pbar: bool = True,
                        0, 0, 0.0, 0, np.full(probes, np.nan), 0)
   method = driver.Method(
       name="Hutch++", step=lambda op, s: hutchpp_step(op, s, keys, sketch,
-                                                      tiny),
+                                                      tiny, probes_per_call),
       done=lambda s: s.count == probes, planned_hvps=num_hvps)
   run = driver.run(op, method, state, checkpointer=checkpointer,
                    show_pbar=show_pbar)
