@@ -188,8 +188,8 @@ def test_operator_repr_says_what_it_is():
                                    curvature="fisher")
   assert repr(op) == (
       "HessianOperator(curvature='fisher', parameters=43 in 4 arrays "
-      "(float64), mesh={'data': 1}, data_axis='data', data not read yet, "
-      "products=0)")
+      "(float64), mesh={'data': 1}, data_axis='data', accumulate='split', "
+      "data not read yet, products=0)")
   op.matvec(op.random_vector(jax.random.key(0)))
   assert repr(op).endswith("data on the devices, 60 examples, products=1)")
 

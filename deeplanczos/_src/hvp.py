@@ -1,18 +1,33 @@
-"""The Hessian-vector product kernel: one device's examples, one psum a pass.
+"""The Hessian-vector product kernel, accumulated over a pass in two layouts.
 
-:func:`local_hvp` is the heart of the library: inside ``shard_map`` over the
-data axis, it differentiates the loss of this device's examples only,
-``sum_i w_i H_i v`` by forward-over-reverse (``jax.jvp`` of ``jax.grad``),
-with parameters and ``v`` marked device-varying so that no implicit
-reduction happens. Contributions accumulate per device over a whole pass,
-and one explicit ``psum`` over the data axis (across devices and hosts)
-ends it. The model axis is left to the compiler, so parameters and vectors
-stay sharded as the parameters are.
+The product of one batch is forward-over-reverse (``jax.jvp`` of
+``jax.grad``) of the batch's weighted loss sum. How the examples' products
+are summed over the data axis is the kernel's ``accumulate``:
+
+- ``'replicated'``: one ``psum`` per pass. Inside ``shard_map`` over the data
+  axis, :func:`local_hvp` differentiates this device's examples only, with
+  parameters and ``v`` entering whole over the data axis and marked
+  device-varying, so no implicit reduction happens; each device sums its own
+  products over the whole pass and one explicit ``psum`` over the data axis
+  (across devices and hosts) ends it. The per-device partial sums are as
+  large as the parameters' share of a device once they are whole over the
+  data axis.
+- ``'split'``: the parameters' layout. The batch's product is taken over the
+  whole (global) batch in one auto-sharded program, and it is laid out, and
+  summed over the pass, on the vectors' shardings: the compiler gathers each
+  layer's parameters (and ``v``) where the layer runs, inside a scanned
+  model's layer loop, and reduce-scatters the layer's product over the data
+  axis, as a training step does for its gradient. With parameters split over
+  the data axis (FSDP), no device ever holds a whole parameter set.
+
+The model axis is left to the compiler in both, so parameters and vectors
+stay sharded as the parameters are. :func:`choose_accumulate` picks the
+layout by memory.
 
 Compiled programs come from :func:`programs`, cached on the :class:`Kernel`
-(the loss, the parameter structure and shardings, the mesh), so a second
-operator on the same model reuses them; parameters are arguments, never
-constants, so new parameter values do not recompile either.
+(the loss, the parameter structure and shardings, the mesh, the layout), so
+a second operator on the same model reuses them; parameters are arguments,
+never constants, so new parameter values do not recompile either.
 """
 
 import dataclasses
@@ -46,6 +61,9 @@ class Kernel:
     model_fn: ``model_fn(params, x) -> outputs``, for the GGN.
     output_loss: ``output_loss(outputs, y) -> scalar`` (a batch mean), for
       the GGN.
+    accumulate: ``'replicated'`` (one ``psum`` per pass) or ``'split'``
+      (products on the vectors' shardings, per batch); see the module
+      docstring.
   """
   loss: Callable
   treedef: Any
@@ -57,6 +75,7 @@ class Kernel:
   curvature: str = "hessian"
   model_fn: Callable | None = None
   output_loss: Callable | None = None
+  accumulate: str = "replicated"
 
   def take(self, params):
     """The subset's leaves of ``params``, ``None`` elsewhere."""
@@ -77,6 +96,32 @@ class Kernel:
 
 
 CURVATURES = ("hessian", "ggn", "fisher")
+ACCUMULATE = ("replicated", "split")
+
+
+def split_over(shardings, axis: str) -> bool:
+  """Whether any of ``shardings`` splits an array over mesh axis ``axis``."""
+  return any(axis in (part if isinstance(part, tuple) else (part,))
+             for s in jax.tree.leaves(shardings) for part in s.spec
+             if part is not None)
+
+
+def choose_accumulate(vector_shardings, mesh: Mesh, data_axis: str) -> str:
+  """The accumulation layout that fits: ``'split'`` or ``'replicated'``.
+
+  The replicated layout's per-device partial sums (float32 for 16-bit
+  parameters) are whole over the data axis. When the parameters are whole
+  over it too (data or tensor parallelism) that costs about what the
+  parameters already take, and one ``psum`` per pass beats a reduction per
+  batch: ``'replicated'``. When the parameters are split over the data axis
+  (FSDP) it would cost the data-axis size times their share, and gathering
+  them whole for the pass as much again: ``'split'``, which keeps every
+  array in the parameters' layout. A data axis of size 1 reduces nothing:
+  ``'split'``, one plain program.
+  """
+  if mesh.shape[data_axis] == 1 or split_over(vector_shardings, data_axis):
+    return "split"
+  return "replicated"
 
 
 def _per_example(fn, x, y, keys):
@@ -86,9 +131,9 @@ def _per_example(fn, x, y, keys):
                                         jax.tree.map(one, yi), ki))(x, y, keys)
 
 
-def local_hvp(kernel: Kernel, params, v, x, y, w, index, loss_rng, *,
-              padded: bool):
-  """This device's ``(sum_i w_i C_i v, sum_i w_i loss_i, sum_i w_i)``.
+def _product(kernel: Kernel, params, v, x, y, w, rng, keys, *, padded: bool,
+             varying: bool):
+  """``(sum_i w_i C_i v, sum_i w_i loss_i)`` over the examples of ``x``.
 
   ``C_i`` is the curvature of example ``i``'s loss: its Hessian
   (forward-over-reverse, ``jax.jvp`` of ``jax.grad``); its generalized
@@ -98,23 +143,17 @@ def local_hvp(kernel: Kernel, params, v, x, y, w, index, loss_rng, *,
   example's gradient: ``J_L^T (w * J_L v)`` for the Jacobian ``J_L`` of the
   per-example losses).
 
-  Runs inside ``shard_map`` with the data axis manual. Unpadded batches are
-  differentiated whole: ``n * loss(params, x, y)`` (the loss is a batch
-  mean). Padded or masked batches are differentiated example by example,
-  ``sum_i w_i loss(params, x_i, y_i)``, so padding rows weigh nothing.
+  Unpadded batches are differentiated whole: ``n * loss(params, x, y)`` (the
+  loss is a batch mean). Padded or masked batches are differentiated example
+  by example, ``sum_i w_i loss(params, x_i, y_i)`` with example ``i``'s key
+  ``keys[i]``, so padding rows weigh nothing.
 
-  Nothing is reduced over the data axis here: parameters and ``v`` enter
-  replicated and are marked device-varying, so their derivatives are this
-  device's examples' alone.
+  With ``varying`` (inside ``shard_map``) the parameters and ``v`` are marked
+  device-varying over the data axis, so their derivatives are this device's
+  examples' alone.
   """
   acc_dtype = w.dtype
   n = w.shape[0]
-  rng = None
-  if kernel.uses_rng:
-    rng = jax.random.fold_in(jax.random.fold_in(loss_rng, index),
-                             lax.axis_index(kernel.data_axis))
-  keys = (jnp.zeros(n) if rng is None else
-          jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n)))
 
   def call(p, xb, yb, key):
     return kernel.loss(p, xb, yb) if rng is None else kernel.loss(p, xb, yb,
@@ -126,7 +165,9 @@ def local_hvp(kernel: Kernel, params, v, x, y, w, index, loss_rng, *,
       return jnp.sum(w * per_example().astype(acc_dtype))
     return n * per_batch().astype(acc_dtype)
 
-  sub, v = lax.pcast((kernel.take(params), v), kernel.data_axis, to="varying")
+  sub = kernel.take(params)
+  if varying:
+    sub, v = lax.pcast((sub, v), kernel.data_axis, to="varying")
 
   if kernel.curvature == "hessian":
     def objective(sub):
@@ -135,7 +176,7 @@ def local_hvp(kernel: Kernel, params, v, x, y, w, index, loss_rng, *,
           lambda: call(p, x, y, rng),
           lambda: _per_example(lambda a, b, k: call(p, a, b, k), x, y, keys))
     (value, _), (_, hv) = jax.jvp(jax.value_and_grad(objective), (sub,), (v,))
-    return hv, value, jnp.sum(w)
+    return hv, value
 
   if kernel.curvature == "ggn":
     predict = lambda sub: kernel.model_fn(kernel.merge(params, sub), x)
@@ -150,7 +191,7 @@ def local_hvp(kernel: Kernel, params, v, x, y, w, index, loss_rng, *,
     (value, _), (_, hjv) = jax.jvp(jax.value_and_grad(output_objective),
                                    (out,), (jv,))
     (gv,) = vjp(hjv.astype(out.dtype))
-    return gv, value, jnp.sum(w)
+    return gv, value
 
   def losses(sub):
     p = kernel.merge(params, sub)
@@ -159,7 +200,53 @@ def local_hvp(kernel: Kernel, params, v, x, y, w, index, loss_rng, *,
   _, directional = jax.jvp(losses, (sub,), (v,))  # g_i . v
   weighted = (w * directional.astype(acc_dtype)).astype(directional.dtype)
   (fv,) = vjp(weighted)
-  return fv, jnp.sum(w * values.astype(acc_dtype)), jnp.sum(w)
+  return fv, jnp.sum(w * values.astype(acc_dtype))
+
+
+def _keys(kernel, loss_rng, index, device, n):
+  """The batch's loss key on data-axis position ``device``, and its examples'.
+
+  ``fold_in(fold_in(loss_rng, batch), device)``, and ``fold_in`` of that with
+  each example's position: the keys a one-device run uses when ``device`` is
+  0 and the batch is whole.
+  """
+  if not kernel.uses_rng:
+    return None, jnp.zeros(n)
+  rng = jax.random.fold_in(jax.random.fold_in(loss_rng, index), device)
+  return rng, jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
+
+
+def local_hvp(kernel: Kernel, params, v, x, y, w, index, loss_rng, *,
+              padded: bool):
+  """This device's ``(sum_i w_i C_i v, sum_i w_i loss_i, sum_i w_i)``.
+
+  Runs inside ``shard_map`` with the data axis manual; nothing is reduced
+  over the data axis here (see :func:`_product`). The loss key is folded
+  with the device's data-axis index.
+  """
+  rng, keys = _keys(kernel, loss_rng, index, lax.axis_index(kernel.data_axis),
+                    w.shape[0])
+  hv, value = _product(kernel, params, v, x, y, w, rng, keys, padded=padded,
+                       varying=True)
+  return hv, value, jnp.sum(w)
+
+
+def global_hvp(kernel: Kernel, params, v, x, y, w, index, loss_rng, *,
+               padded: bool):
+  """The whole batch's ``(sum_i w_i C_i v, sum_i w_i loss_i, sum_i w_i)``.
+
+  An auto-sharded program: the product is laid out on the vectors'
+  shardings, so the compiler reduces it over the data axis (a
+  reduce-scatter with FSDP) where each layer's product is formed. The loss
+  key is a one-device run's (data-axis index 0).
+  """
+  rng, keys = _keys(kernel, loss_rng, index, 0, w.shape[0])
+  hv, value = _product(kernel, params, v, x, y, w, rng, keys, padded=padded,
+                       varying=False)
+  hv = jax.tree.map(lambda h, s: lax.with_sharding_constraint(
+      h.astype(tree_math.accumulation_dtype(h.dtype)), s), hv,
+                    kernel.vector_shardings)
+  return hv, value, jnp.sum(w)
 
 
 class Stats(NamedTuple):
@@ -212,14 +299,16 @@ class Programs(NamedTuple):
   the devices or ``batch_step`` for each streamed batch, then ``finish``; a
   pass whose data on the devices fits one program is ``device_pass``:
 
-  - ``start(v, weight_dtype=...) -> (acc, stats)``: zero per-device
-    accumulators, each leaf with a leading data axis;
+  - ``start(v, weight_dtype=...) -> (acc, stats)``: zero accumulators (in
+    the replicated layout per device, each leaf with a leading data axis; in
+    the split layout on the vectors' shardings);
   - ``segment_step(params, v, acc, stats, segment, loss_rng, padded=...,
     unroll=...)``: adds a stacked run of batches (a ``lax.scan``);
   - ``batch_step(params, v, acc, stats, index, x, y, w, loss_rng,
     padded=...)``: adds one batch;
-  - ``finish(acc, stats, v) -> (Hv, [count, loss, bad])``: the pass's one
-    reduction over the data axis, and the division by the count;
+  - ``finish(acc, stats, v) -> (Hv, [count, loss, bad])``: the division by
+    the count, after (replicated layout) the pass's one reduction over the
+    data axis;
   - ``device_pass(params, v, segments, loss_rng, padded=..., unroll=...)
     -> (Hv, [count, loss, bad])``: all of it in one program.
 
@@ -232,12 +321,13 @@ class Programs(NamedTuple):
   device_pass: Callable
 
 
-def _scan(kernel, params, v, carry, segment, loss_rng, padded, unroll):
-  """Adds a stacked run of batches to this device's accumulators."""
+def _scan(product, kernel, params, v, carry, segment, loss_rng, padded,
+          unroll):
+  """Adds a stacked run of batches to the accumulators."""
   def body(carry, batch):
     x, y, w, index = batch
-    hv, value, count = local_hvp(kernel, params, v, x, y, w, index, loss_rng,
-                                 padded=padded)
+    hv, value, count = product(kernel, params, v, x, y, w, index, loss_rng,
+                               padded=padded)
     return _add(*carry, hv, value, count, index), None
   carry, _ = lax.scan(body, carry, tuple(segment), unroll=unroll)
   return carry
@@ -246,6 +336,53 @@ def _scan(kernel, params, v, carry, segment, loss_rng, padded, unroll):
 @functools.lru_cache(maxsize=64)
 def programs(kernel: Kernel) -> Programs:
   """The kernel's programs, compiled on first use and cached with it."""
+  if kernel.accumulate == "split":
+    return _split_programs(kernel)
+  return _replicated_programs(kernel)
+
+
+def _split_programs(kernel: Kernel) -> Programs:
+  """Auto-sharded programs summing products on the vectors' shardings."""
+  rep = NamedSharding(kernel.mesh, P())
+  accumulators = (kernel.vector_shardings, Stats(rep, rep, rep))
+
+  def start(v, weight_dtype):
+    zero = jnp.zeros((), weight_dtype)
+    return (jax.tree.map(lambda t: jnp.zeros(
+        t.shape, tree_math.accumulation_dtype(t.dtype)), v),
+            Stats(zero, zero, jnp.asarray(-1, jnp.int32)))
+
+  def segment_step(params, v, acc, stats, segment, loss_rng, padded, unroll):
+    return _scan(global_hvp, kernel, params, v, (acc, stats), segment,
+                 loss_rng, padded, unroll)
+
+  def batch_step(params, v, acc, stats, index, x, y, w, loss_rng, padded):
+    hv, value, count = global_hvp(kernel, params, v, x, y, w, index,
+                                  loss_rng, padded=padded)
+    return _add(acc, stats, hv, value, count, index)
+
+  def device_pass(params, v, segments, loss_rng, padded, unroll):
+    carry = start(v, segments[0].w.dtype)
+    for segment, is_padded, n in zip(segments, padded, unroll):
+      carry = _scan(global_hvp, kernel, params, v, carry, segment, loss_rng,
+                    is_padded, n)
+    return _finish(*carry, v)
+
+  outputs = (kernel.vector_shardings, rep)
+  return Programs(
+      start=jax.jit(start, static_argnames="weight_dtype",
+                    out_shardings=accumulators),
+      segment_step=jax.jit(segment_step, static_argnames=("padded", "unroll"),
+                           out_shardings=accumulators, donate_argnums=(2, 3)),
+      batch_step=jax.jit(batch_step, static_argnames="padded",
+                         out_shardings=accumulators, donate_argnums=(2, 3)),
+      finish=jax.jit(_finish, out_shardings=outputs),
+      device_pass=jax.jit(device_pass, static_argnames=("padded", "unroll"),
+                          out_shardings=outputs))
+
+
+def _replicated_programs(kernel: Kernel) -> Programs:
+  """``shard_map`` programs: per-device sums, one ``psum`` a pass."""
   axis = kernel.data_axis
   mesh = kernel.mesh
   rep = NamedSharding(mesh, P())
@@ -274,8 +411,8 @@ def programs(kernel: Kernel) -> Programs:
 
   def segment_step(params, v, acc, stats, segment, loss_rng, padded, unroll):
     def local(params, v, acc, stats, segment, loss_rng):
-      return lead(_scan(kernel, params, v, unlead((acc, stats)), segment,
-                        loss_rng, padded, unroll))
+      return lead(_scan(local_hvp, kernel, params, v, unlead((acc, stats)),
+                        segment, loss_rng, padded, unroll))
     return jax.shard_map(
         local, mesh=mesh, in_specs=(P(), P(), data, data, specs([segment])[0],
                                     P()),
@@ -308,8 +445,8 @@ def programs(kernel: Kernel) -> Programs:
     def local(params, v, segments, loss_rng):
       carry = _zeros_like(kernel, v, weight_dtype)
       for segment, is_padded, n in zip(segments, padded, unroll):
-        carry = _scan(kernel, params, v, carry, segment, loss_rng, is_padded,
-                      n)
+        carry = _scan(local_hvp, kernel, params, v, carry, segment, loss_rng,
+                      is_padded, n)
       return _reduce(kernel, *carry)
 
     hv_sum, stats = jax.shard_map(

@@ -11,8 +11,10 @@ and places the data, kept on the devices when it fits; parameter subsets
 
 import copy
 from collections.abc import Callable
+import dataclasses
 import functools
 from typing import NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,33 @@ def _loss_output(loss, uses_rng, params_spec, batch_spec):
   x, y = batch_spec[0].unflatten(batch_spec[1])
   args = (jax.ShapeDtypeStruct((), jax.random.key(0).dtype),) if uses_rng else ()
   return jax.eval_shape(loss, params, x, y, *args)
+
+
+@functools.lru_cache(maxsize=64)
+def _per_device_failure(loss, uses_rng, mesh, data_axis, params_spec,
+                        batch_spec):
+  """Why ``loss`` cannot be traced per device inside ``shard_map``, or None.
+
+  Some models trace under ``jit`` but not with a manual data axis: flax's
+  ``nn.DenseGeneral`` with ``nn.with_partitioning`` on a kernel of rank 3
+  (its initializer's shape check applies a rank-3 sharding to a flattened
+  rank-2 kernel whenever a mesh is in context), activations constrained
+  over the data axis.
+  """
+  params = params_spec[0].unflatten(params_spec[1])
+  x, y = batch_spec[0].unflatten(batch_spec[1])
+  size = mesh.shape[data_axis]
+  x, y = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      (size * a.shape[0], *a.shape[1:]), a.dtype), (x, y))
+  args = (jax.random.key(0),) if uses_rng else ()
+  local = lambda p, xb, yb: loss(p, xb, yb, *args)[None]
+  try:
+    jax.eval_shape(jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(data_axis), P(data_axis)),
+        out_specs=P(data_axis), axis_names={data_axis}), params, x, y)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+  return None
 
 
 @functools.lru_cache(maxsize=64)
@@ -160,6 +189,14 @@ class HessianOperator:
     model_fn: ``model_fn(params, x) -> outputs``, for ``'ggn'``.
     output_loss: ``output_loss(outputs, y) -> scalar``, the mean loss of a
       batch of outputs, for ``'ggn'``.
+    accumulate: how products are summed over the data axis:
+      ``'replicated'``, per device over the whole pass and one ``psum`` at
+      its end (partial sums whole over the data axis); ``'split'``, each
+      batch's product reduced as it is formed and kept on the vectors'
+      shardings (the compiler gathers one layer's parameters at a time, as a
+      training step does). ``None`` chooses by memory: ``'split'`` when the
+      parameters are split over the data axis (FSDP) or that axis has one
+      device, ``'replicated'`` otherwise.
 
   Attributes:
     mesh: the device mesh.
@@ -179,7 +216,8 @@ class HessianOperator:
                loss_rng=None, data_on_device: bool | None = None,
                device_bytes: int = DEVICE_BYTES, curvature: str = "hessian",
                model_fn: Callable | None = None,
-               output_loss: Callable | None = None):
+               output_loss: Callable | None = None,
+               accumulate: str | None = None):
     if not callable(loss):
       raise TypeError(f"loss must be callable, got {type(loss).__name__}.")
     if batch_parser is not None and not callable(batch_parser):
@@ -198,6 +236,9 @@ class HessianOperator:
     if curvature == "ggn" and loss_rng is not None:
       raise ValueError("curvature='ggn' takes model_fn(params, x) without a "
                        "PRNG key; loss_rng must be None.")
+    if accumulate not in (None, *hvp_lib.ACCUMULATE):
+      raise ValueError(f"accumulate must be None or one of "
+                       f"{hvp_lib.ACCUMULATE}; got {accumulate!r}.")
     if data_on_device not in (None, True, False):
       raise TypeError("data_on_device must be None, True or False; got "
                       f"{data_on_device!r}.")
@@ -209,13 +250,18 @@ class HessianOperator:
     self.template = subset_lib.select(self.params, subset)
     self.shardings = subset_lib.take(self.template, full_shardings)
     treedef = jax.tree.structure(self.params)
+    self._auto_accumulate = accumulate is None
+    if accumulate is None:
+      accumulate = hvp_lib.choose_accumulate(self.shardings, self.mesh,
+                                             data_axis)
     self.kernel = hvp_lib.Kernel(
         loss=loss, treedef=treedef,
         in_subset=tuple(t is not None
                         for t in treedef.flatten_up_to(self.template)),
         param_shardings=tuple(treedef.flatten_up_to(full_shardings)),
         mesh=self.mesh, data_axis=data_axis, uses_rng=loss_rng is not None,
-        curvature=curvature, model_fn=model_fn, output_loss=output_loss)
+        curvature=curvature, model_fn=model_fn, output_loss=output_loss,
+        accumulate=accumulate)
     self._programs = hvp_lib.programs(self.kernel)
     self._params_spec = _spec(self.params)  # checked against each batch
     self._loss_rng = jax.random.key(0) if loss_rng is None else loss_rng
@@ -243,7 +289,8 @@ class HessianOperator:
             f"parameters={tree_math.tree_size(self.template):,} in "
             f"{len(leaves)} arrays ({'/'.join(dtypes)}), "
             f"mesh={dict(self.mesh.shape)}, "
-            f"data_axis={self.kernel.data_axis!r}, data {where}"
+            f"data_axis={self.kernel.data_axis!r}, "
+            f"accumulate={self.kernel.accumulate!r}, data {where}"
             + ("" if self.num_examples is None else
                f", {self.num_examples:,} examples")
             + f", products={self.num_matvecs})")
@@ -297,6 +344,17 @@ class HessianOperator:
       raise ValueError("loss(params, x, y) must return a floating scalar (the "
                        f"mean loss of the batch); for a batch of {n} examples "
                        f"it returned {got} {getattr(out, 'dtype', '')}.")
+    if self._auto_accumulate and self.kernel.accumulate == "replicated":
+      failure = _per_device_failure(
+          self.kernel.loss, self.kernel.uses_rng, self.mesh,
+          self.kernel.data_axis, self._params_spec, _spec((x, y)))
+      if failure is not None:
+        warnings.warn(
+            "The loss does not trace per device inside shard_map over the "
+            f"data axis ({failure}); summing products in the parameters' "
+            "layout instead (accumulate='split').", stacklevel=2)
+        self.kernel = dataclasses.replace(self.kernel, accumulate="split")
+        self._programs = hvp_lib.programs(self.kernel)
 
   def _host_batches(self):
     first = None
@@ -355,15 +413,16 @@ class HessianOperator:
     return self._programs.finish(acc, stats, v)
 
   def _stream_pass(self, v, where):
-    acc, stats = self._programs.start(v, weight_dtype=self._weight_dtype)
     stream = batches_lib.Stream(self._host_batches(), self._batch_sharding)
     bar = tqdm.tqdm(desc="batches", total=self._passes.length, leave=False,
                     disable=not self._show_pbar)
     index = -1
     for index, ((x, y, w), padded) in enumerate(stream):
+      if index == 0:  # the first batch is checked (and the layout settled)
+        acc, stats = self._programs.start(v, weight_dtype=self._weight_dtype)
       acc, stats = self._programs.batch_step(
-          self.params, v, acc, stats, index, x, y, w, self._loss_rng,
-          padded=padded)
+          self.params, v, acc, stats, np.int32(index), x, y, w,
+          self._loss_rng, padded=padded)
       bar.update(1)
     bar.close()
     if index < 0:
