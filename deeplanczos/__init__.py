@@ -19,6 +19,9 @@ from deeplanczos._src.lanczos import LanczosResult
 from deeplanczos._src.lanczos import lanczos
 from deeplanczos._src.lanczos import tridiagonalize
 from deeplanczos._src.operator import HessianOperator
+from deeplanczos._src.plan import Plan
+from deeplanczos._src.plan import plan
+from deeplanczos._src.plan import topology_mesh
 from deeplanczos._src.power import InitPowerMethodVector
 from deeplanczos._src.power import PowerMethodIterate
 from deeplanczos._src.power import PowerResult
@@ -45,6 +48,7 @@ __all__ = (
     "InitPowerMethodVector",
     "LanczosResult",
     "OperatorCheck",
+    "Plan",
     "PowerMethodIterate",
     "PowerResult",
     "TraceResult",
@@ -56,11 +60,13 @@ __all__ = (
     "load_eigenvectors",
     "make_mesh",
     "path_str",
+    "plan",
     "power_iteration",
     "save_eigenvectors",
     "sharding_from_metadata",
     "split_over_all_devices",
     "spectral_density",
     "top_eigenvalue",
+    "topology_mesh",
     "tridiagonalize",
 )

@@ -1,0 +1,246 @@
+"""Pod-scale layout and the dry run, on 8 fake CPU devices.
+
+The split layout (FSDP) against one device; models written as large models
+are (nn.scan, nn.remat, DenseGeneral kernels with partitioning metadata);
+``deeplanczos.plan`` against the compiled real run and a plain jit HVP.
+"""
+
+import flax
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+import deeplanczos
+from deeplanczos import data
+from deeplanczos import models
+from deeplanczos._src import batches as batches_lib
+from deeplanczos._src import plan as plan_lib
+from tests import helpers
+
+LENGTH, VOCAB = 8, 16
+
+
+def _transformer(mesh=None, **options):
+  rows = None if mesh is None else NamedSharding(mesh, P("data"))
+  return models.Transformer(vocab_size=VOCAB, max_len=LENGTH, d_model=32,
+                            num_heads=4, num_layers=2, mlp_dim=64,
+                            activation_sharding=rows, **options)
+
+
+def _problem(model, mesh, *, fsdp=True):
+  tokens = jnp.zeros((8, LENGTH), jnp.int32)
+  boxed = model.init(jax.random.key(0), tokens)
+  params = flax.core.meta.unbox(boxed)
+  shardings = deeplanczos.sharding_from_metadata(boxed, mesh)
+  if fsdp:
+    shardings = deeplanczos.split_over_all_devices(params, shardings)
+  x, y = data.synthetic_tokens(16, LENGTH, VOCAB)
+
+  def loss(p, xb, yb):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        model.apply(p, xb), yb).mean()
+
+  return loss, params, shardings, x, y
+
+
+def _batches(x, y):
+  return [(x[i:i + 8], y[i:i + 8]) for i in range(0, len(y), 8)]
+
+
+def _max_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(u) - np.asarray(w))))
+             for u, w in zip(jax.tree.leaves(jax.device_get(a)),
+                             jax.tree.leaves(jax.device_get(b))))
+
+
+def test_scanned_remat_head_kernel_model_on_fsdp_mesh_matches_one_device():
+  options = dict(scan_layers=True, remat=True, head_kernels=True,
+                 num_kv_heads=2)
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  loss, params, shardings, x, y = _problem(_transformer(mesh, **options),
+                                           mesh)
+  op = deeplanczos.HessianOperator(loss, params, _batches(x, y),
+                                   shardings=shardings)
+  assert op.kernel.accumulate == "split"
+  loss1, params1, _, _, _ = _problem(_transformer(**options), mesh)
+  one = deeplanczos.HessianOperator(loss1, params1, _batches(x, y))
+  v = op.random_vector(jax.random.key(1))
+  assert _max_diff(op.matvec(v), one.matvec(jax.device_get(v))) < 1e-5
+  # The result keeps the parameters' layout.
+  assert jax.tree.leaves(op.matvec(v))[0].sharding == jax.tree.leaves(
+      op.shardings)[0]
+
+
+def test_head_kernels_on_a_tensor_parallel_mesh_fall_back_to_split():
+  # flax's DenseGeneral cannot trace inside shard_map (its init shape check
+  # applies the rank-3 partitioning to a flattened kernel), so the default
+  # replicated layout for an unsplit-over-data model gives way, with a
+  # warning, and the products still equal one device's.
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  model = _transformer(head_kernels=True)
+  loss, params, shardings, x, y = _problem(model, mesh, fsdp=False)
+  op = deeplanczos.HessianOperator(loss, params, _batches(x, y),
+                                   shardings=shardings)
+  assert op.kernel.accumulate == "replicated"
+  one = deeplanczos.HessianOperator(loss, params, _batches(x, y))
+  v = op.random_vector(jax.random.key(1))
+  with pytest.warns(UserWarning, match="accumulate='split'"):
+    hv = op.matvec(v)
+  assert op.kernel.accumulate == "split"
+  assert _max_diff(hv, one.matvec(jax.device_get(v))) < 1e-5
+
+
+def _mlp(p, xb):
+  return jnp.tanh(xb @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+def _cross_entropy(out, yb):
+  return optax.softmax_cross_entropy_with_integer_labels(out, yb).mean()
+
+
+@pytest.mark.parametrize("curvature,masked", [
+    ("hessian", False), ("hessian", True), ("ggn", True), ("fisher", True)])
+def test_split_equals_replicated_layout_and_the_dense_answer(curvature,
+                                                             masked):
+  """Both layouts, data kept on the devices and streamed, masks and all."""
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  rng = np.random.default_rng(0)
+  params = {"w1": rng.normal(size=(8, 8)) / 3, "b1": rng.normal(size=8) / 3,
+            "w2": rng.normal(size=(8, 4)) / 3, "b2": np.zeros(4)}
+  shardings = {k: NamedSharding(mesh, P(*spec)) for k, spec in {
+      "w1": ("data", "model"), "b1": ("data",), "w2": ("model", "data"),
+      "b2": ()}.items()}
+  x, y = rng.normal(size=(14, 8)), rng.integers(0, 4, size=14)
+  mask = (np.arange(14) % 3 != 0).astype(np.float64) if masked else np.ones(14)
+  # A short last batch: padded to the data axis, so the per-example program.
+  batches = [(x[a:b], y[a:b], mask[a:b]) for a, b in ((0, 8), (8, 14))]
+  loss = lambda p, xb, yb: _cross_entropy(_mlp(p, xb), yb)
+  v = jax.tree.map(lambda a: rng.normal(size=a.shape), params)
+
+  products = []
+  for accumulate in ("replicated", "split"):
+    for on_device in (True, False):
+      op = deeplanczos.HessianOperator(
+          loss, params, batches, shardings=shardings, accumulate=accumulate,
+          data_on_device=on_device, curvature=curvature, model_fn=_mlp,
+          output_loss=_cross_entropy, batch_parser=lambda b: b)
+      products.append(op.matvec(op.check_vector(v)))
+      assert op.num_examples == int(mask.sum())
+      assert jax.tree.leaves(products[-1])[3].sharding == shardings["w2"]
+  one = deeplanczos.HessianOperator(
+      loss, params, batches, curvature=curvature, model_fn=_mlp,
+      output_loss=_cross_entropy, batch_parser=lambda b: b)
+  products.append(one.matvec(v))
+  for other in products[1:]:
+    assert _max_diff(products[0], other) < 1e-12
+  if curvature == "hessian":
+    keep = mask > 0
+    h, unravel = helpers.dense_hessian(loss, params, x[keep], y[keep])
+    assert _max_diff(products[0], unravel(h @ helpers.flat(v))) < 1e-12
+
+
+def test_collectives_counts_loops():
+  mesh = deeplanczos.make_mesh([("data", 8)])
+
+  def f(a):
+    def local(a):
+      a = lax.all_gather(a, "data", tiled=True)[:1] + a
+      return lax.fori_loop(
+          0, 3, lambda i, b: lax.all_gather(b, "data", tiled=True)[:1] * 2,
+          a)
+    return jax.shard_map(local, mesh=mesh, in_specs=P("data"),
+                         out_specs=P("data"))(a)
+
+  compiled = jax.jit(f).lower(jnp.ones(8)).compile()
+  assert plan_lib.collectives(compiled.as_text())["all-gather"] == (1, 1)
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                        sharding=s),
+                      tree, shardings)
+
+
+def test_dry_run_bytes_equal_the_real_runs_and_gathers_sit_in_the_loop():
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  model = _transformer(mesh, scan_layers=True, remat=True, head_kernels=True)
+  loss, params, shardings, x, y = _problem(model, mesh)
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                        params)
+  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct((8, *a.shape[1:]),
+                                                      a.dtype), (x, y))
+  planned = deeplanczos.plan(loss, shapes, batch, mesh=mesh,
+                             shardings=shardings, num_batches=2, ncv=10)
+  assert planned.accumulate == "split"
+  (pass_cost,) = planned.programs
+
+  # The real run: the operator streams the same batches through the same
+  # program; compile it for the arrays it ran on.
+  op = deeplanczos.HessianOperator(loss, params, _batches(x, y),
+                                   shardings=shardings, data_on_device=False)
+  v = op.random_vector(jax.random.key(1))
+  op.matvec(v)
+  weight_dtype = op._weight_dtype  # pylint: disable=protected-access
+  acc, stats = op._programs.start(v, weight_dtype=weight_dtype)  # pylint: disable=protected-access
+  host = batches_lib.to_host_batch(x[:8], y[:8], None, 8, local_data=4,
+                                   weight_dtype=weight_dtype)
+  xb, yb, wb = batches_lib.place(host, NamedSharding(mesh, P("data")))
+  real = op._programs.batch_step.lower(  # pylint: disable=protected-access
+      op.params, v, acc, stats, np.int32(0), xb, yb, wb, jax.random.key(0),
+      padded=False).compile()
+  assert plan_lib.program_cost("real", real).bytes == pass_cost.bytes
+
+  # Parameters' gathers inside the layer loop, products reduce-scattered;
+  # bytes within 1.2x of a plain jit HVP with the same shardings.
+  gathers_in_loop, gathers_outside = pass_cost.collectives["all-gather"]
+  assert gathers_in_loop > gathers_outside
+  plain = jax.jit(
+      lambda p, v, xb, yb: jax.jvp(jax.grad(lambda q: loss(q, xb, yb)), (p,),
+                                   (v,))[1],
+      out_shardings=shardings).lower(
+          _abstract(shapes, shardings), _abstract(shapes, shardings),
+          *jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+              a.shape, a.dtype, sharding=NamedSharding(mesh, P("data"))),
+                        batch)).compile()
+  assert pass_cost.bytes <= 1.2 * plan_lib.program_cost("plain", plain).bytes
+
+  # The stored state: parameters split over 8 devices, an 11-vector basis.
+  n = sum(a.size for a in jax.tree.leaves(params))
+  assert planned.num_params == n
+  assert planned.state["parameters"] == plan_lib.shard_bytes(shapes,
+                                                             shardings)
+  basis = [b for k, b in planned.state.items() if k.startswith("Krylov")]
+  itemsize = jnp.result_type(*jax.tree.leaves(params)).itemsize
+  assert basis and n * 11 * itemsize / 8 <= basis[0] <= (
+      n * 11 * itemsize / 8 * 1.1)
+  table = planned.table()
+  assert "HVP of one batch" in table and "Krylov basis (11 vectors" in table
+
+
+def test_plan_on_a_tpu_topology_without_a_tpu():
+  pytest.importorskip("libtpu", reason="needs the libtpu wheel (jax[tpu])")
+  mesh = deeplanczos.topology_mesh("v5e:2x2", [("data", 2), ("model", 2)])
+  model = _transformer(mesh, scan_layers=True, head_kernels=True,
+                       dtype=jnp.bfloat16)
+  boxed = jax.eval_shape(model.init, jax.random.key(0),
+                         jax.ShapeDtypeStruct((1, LENGTH), jnp.int32))
+  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16),
+                        flax.core.meta.unbox(boxed))
+  loss = lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply(p, xb).astype(jnp.float32), yb).mean()
+  token = jax.ShapeDtypeStruct((4, LENGTH), jnp.int32)
+  planned = deeplanczos.plan(
+      loss, shapes, (token, token), mesh=mesh,
+      shardings=deeplanczos.split_over_all_devices(
+          shapes, deeplanczos.sharding_from_metadata(boxed, mesh)))
+  assert planned.device_kind == "TPU v5 lite"
+  assert planned.fits() and planned.seconds_per_hvp > 0
+
+
+def test_topology_mesh_names_what_it_needs():
+  with pytest.raises(ValueError, match="v5e:8x8"):
+    deeplanczos.topology_mesh("no-such-chip:1x1")
