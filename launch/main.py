@@ -7,6 +7,9 @@ Several processes (run once per process, process_id 0..N-1):
     --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 On a multi-host TPU slice, with no distributed flags, the cluster is detected
 from the TPU environment.
+Before reserving a slice, whether the run fits it (compiled here, no TPU):
+  python launch/main.py --config=... --workdir=... \
+    --config.dry_run=v5e:8x8 --config.mesh_shape="(16,4)"
 """
 
 import logging as python_logging

@@ -6,12 +6,14 @@ import socket
 import subprocess
 import sys
 
+import flax
 import jax
 import numpy as np
 import pytest
 
 import deeplanczos
 from deeplanczos import experiment
+from deeplanczos.experiment import tasks as tasks_lib
 from tests import helpers
 
 ROOT = helpers.ROOT
@@ -264,3 +266,29 @@ def test_loaded_eigenvectors_take_the_templates_pytree_type(tmp_path):
     assert got.sharding.spec == jax.sharding.PartitionSpec(None, *p.sharding.spec)
   with pytest.raises(ValueError, match="no leaf at"):
     deeplanczos.load_eigenvectors(str(tmp_path), like={"params": {"x": 1.0}})
+
+
+def test_dry_run_compiles_without_training_and_matches_plan(tmp_path,
+                                                            monkeypatch):
+  config = small_config("transformer_tokens")
+  config.method = "lanczos"
+  config.dry_run = "local"
+  monkeypatch.setattr(tasks_lib, "train",
+                      lambda *a: pytest.fail("a dry run trains nothing"))
+  result = experiment.run(config, str(tmp_path))
+  on_disk = json.loads((tmp_path / "dry_run.json").read_text())
+  assert not (tmp_path / "result.json").exists()
+  assert on_disk["mesh"] == {"data": 4, "model": 2}
+  assert on_disk["programs"][0]["bytes"] == result["programs"][0]["bytes"] > 0
+  ncv = max(2 * config.lanczos.k + 1, 20)
+  assert f"Krylov basis ({ncv + 1} vectors" in on_disk["table"]
+  # The launcher's plan is the library's on the same inputs.
+  task = tasks_lib.build_task(config)
+  mesh = experiment.build_mesh(config)
+  shapes = jax.eval_shape(lambda: task.params)
+  direct = deeplanczos.plan(
+      task.loss, flax.core.meta.unbox(shapes),
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+          (config.batch_size, *a.shape[1:]), a.dtype), (task.x, task.y)),
+      mesh=mesh, shardings=deeplanczos.sharding_from_metadata(shapes, mesh))
+  assert direct.programs[0].bytes == on_disk["programs"][0]["bytes"]

@@ -101,27 +101,35 @@ class Plan(NamedTuple):
 
   def table(self) -> str:
     """The plan as a Markdown table, one row per program and stored state."""
-    gib = lambda b: f"{b / 2**30:.3f}"
     rows = [f"Dry run on {self.device_kind}, mesh {self.mesh}, "
             f"{self.num_params:,} parameters, accumulate="
             f"{self.accumulate!r}", "",
-            "| per device | GiB | GFLOP | GB accessed |", "|---|---|---|---|"]
+            "| per device | memory | GFLOP | GB accessed |",
+            "|---|---|---|---|"]
     for p in self.programs:
-      rows.append(f"| program: {p.name} | {gib(p.bytes)} | "
+      rows.append(f"| program: {p.name} | {human_bytes(p.bytes)} | "
                   f"{p.flops / 1e9:.2f} | {p.bytes_accessed / 1e9:.3f} |")
     for name, b in self.state.items():
-      rows.append(f"| stored: {name} | {gib(b)} | | |")
-    rows.append(f"| **peak** | **{gib(self.peak_bytes)}** | | |")
+      rows.append(f"| stored: {name} | {human_bytes(b)} | | |")
+    rows.append(f"| **peak** | **{human_bytes(self.peak_bytes)}** | | |")
     if self.device_memory is not None:
       margin = self.device_memory - self.peak_bytes
       rows.append("")
-      rows.append(f"Device memory {gib(self.device_memory)} GiB: "
+      rows.append(f"Device memory {human_bytes(self.device_memory)}: "
                   f"{'fits' if margin >= 0 else 'does NOT fit'}, margin "
-                  f"{gib(margin)} GiB.")
+                  f"{human_bytes(margin)}.")
     if self.seconds_per_hvp is not None:
       rows.append(f"Roofline time per Hessian-vector product over the "
                   f"dataset: {self.seconds_per_hvp:.4g} s.")
     return "\n".join(rows)
+
+
+def human_bytes(b: float) -> str:
+  """``b`` bytes in KiB, MiB or GiB."""
+  for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if abs(b) >= size:
+      return f"{b / size:.2f} {unit}"
+  return f"{b:.0f} B"
 
 
 def topology_mesh(topology: str, axes=(("data", -1), ("model", 1))) -> Mesh:

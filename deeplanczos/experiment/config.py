@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Save the method's state after every this many steps (0: only on SIGTERM);
   # a run started again on the same workdir resumes from the newest one.
   c.checkpoint_every = 5
+  # Compile the method's programs and report bytes per device, then exit
+  # without training or allocating: "local" (this machine's devices) or a TPU
+  # slice to compile for, e.g. "v5e:8x8" (needs the libtpu wheel); "" runs.
+  c.dry_run = ""
   return c
 
 

@@ -138,6 +138,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The result dict that ``result.json`` holds.
   """
+  if config.get("dry_run"):
+    return dry_run(config, workdir)
   start = time.perf_counter()
   lead = jax.process_index() == 0
   with driver.SigtermGuard(handle_sigterm) as sigterm:
@@ -163,6 +165,62 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         raise ConfigError(str(e)) from e
       finally:
         checkpointer.close()
+
+
+def _plan_options(config) -> dict:
+  """The vectors ``config.method`` keeps, as ``deeplanczos.plan`` options."""
+  if config.method == "lanczos":
+    k = config.lanczos.k
+    return {"method": "lanczos", "ncv": config.lanczos.ncv or max(2 * k + 1,
+                                                                  20)}
+  if config.method == "density":
+    return {"method": "density", "ncv": config.density.num_steps}
+  if config.method == "trace":
+    return {"method": "trace"}
+  return {"method": "power"}
+
+
+def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The run's per-device plan, compiled for ``config.dry_run``'s devices.
+
+  Nothing is trained or allocated on the devices: the task's parameters and
+  one global batch enter as shapes, on a mesh of ``config.mesh_shape`` over
+  this machine's devices (``"local"``) or over a TPU slice's (``"v5e:8x8"``),
+  and ``deeplanczos.plan`` compiles the Hessian-vector product. Logs the
+  table and, on process 0, writes ``workdir/dry_run.json``.
+  """
+  methods_lib.check(config)
+  axes = list(zip(config.mesh_axes, (int(s) for s in config.mesh_shape)))
+  try:
+    if config.dry_run == "local":
+      mesh = build_mesh(config)
+    else:
+      mesh = deeplanczos.topology_mesh(config.dry_run, axes)
+  except ValueError as e:
+    raise ConfigError(f"config.dry_run={config.dry_run!r}: {e}") from e
+  task = tasks_lib.build_task(config)
+  shapes = jax.eval_shape(lambda: task.params)
+  shardings = sharding_lib.from_metadata(
+      shapes, mesh, shardings_rule=functools.partial(
+          sharding_lib.infer_sharding, model_axis=config.model_axis))
+  n = min(config.batch_size, len(task.y))
+  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      (n, *np.shape(a)[1:]), np.asarray(a).dtype), (task.x, task.y))
+  planned = deeplanczos.plan(
+      task.loss, sharding_lib.unbox(shapes), batch, mesh=mesh,
+      shardings=shardings, num_batches=math.ceil(len(task.y) / n),
+      data_axis=config.data_axis, subset=config.subset or None,
+      curvature=config.curvature, model_fn=task.model_fn,
+      output_loss=task.output_loss, uses_rng=task.takes_rng,
+      **_plan_options(config))
+  logging.info("%s", planned.table())
+  result = _jsonable({**planned._asdict(), "table": planned.table(),
+                      "programs": [p._asdict() for p in planned.programs],
+                      "fits": planned.fits(), "config": config.to_dict()})
+  if jax.process_index() == 0:
+    workdir_lib.make(workdir, True)
+    files.write_json(os.path.join(workdir, "dry_run.json"), result, indent=2)
+  return result
 
 
 def _stop_if(sigterm, where):
