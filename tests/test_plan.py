@@ -244,3 +244,34 @@ def test_plan_on_a_tpu_topology_without_a_tpu():
 def test_topology_mesh_names_what_it_needs():
   with pytest.raises(ValueError, match="v5e:8x8"):
     deeplanczos.topology_mesh("no-such-chip:1x1")
+
+
+def test_bfloat16_parameters_end_to_end_against_the_dense_answer():
+  """bf16 parameters and products, float32 basis and scalars, on FSDP."""
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  rng = np.random.default_rng(0)
+  params = {"w1": rng.normal(size=(8, 16)) / 3, "b1": rng.normal(size=16) / 3,
+            "w2": rng.normal(size=(16, 4)) / 3, "b2": np.zeros(4)}
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+  x, y = rng.normal(size=(64, 8)), rng.integers(0, 4, size=64)
+  loss = lambda p, xb, yb: _cross_entropy(
+      _mlp(p, xb.astype(jnp.bfloat16)).astype(jnp.float32), yb)
+  batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+  shardings = deeplanczos.infer_sharding(params, mesh, fsdp_axis="data",
+                                         min_size=16)
+  op = deeplanczos.HessianOperator(loss, params, batches, shardings=shardings)
+  assert op.kernel.accumulate == "split"
+  r = deeplanczos.lanczos(op, 3, tol=1e-2, show_pbar=False)
+  p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  h, _ = helpers.dense_hessian(
+      lambda p, xb, yb: _cross_entropy(_mlp(p, xb), yb), p64, x, y)
+  top = np.sort(np.linalg.eigvalsh(h))[::-1][:3]
+  assert r.converged
+  np.testing.assert_allclose(r.eigenvalues, top, rtol=2e-2)
+  assert {l.dtype for l in jax.tree.leaves(r.eigenvectors)} == {
+      np.dtype("float32")}
+  power = deeplanczos.power_iteration(op, num_iterations=40,
+                                      show_pbar=False)
+  np.testing.assert_allclose(power.eigenvalue, top[0], rtol=2e-2)
+  assert {l.dtype for l in jax.tree.leaves(power.eigenvector)} == {
+      jnp.dtype(jnp.bfloat16)}

@@ -166,6 +166,9 @@ def _product(kernel: Kernel, params, v, x, y, w, rng, keys, *, padded: bool,
     return n * per_batch().astype(acc_dtype)
 
   sub = kernel.take(params)
+  # Vectors may be stored wider than the parameters (a float32 Krylov basis
+  # for bfloat16 parameters); the tangent takes the parameters' dtypes.
+  v = jax.tree.map(lambda a, p: a.astype(p.dtype), v, sub)
   if varying:
     sub, v = lax.pcast((sub, v), kernel.data_axis, to="varying")
 

@@ -171,10 +171,11 @@ def _near_breakdown(beta, theta, dtype_eps):
   return beta <= np.sqrt(dtype_eps) * max(np.abs(theta).max(), 1e-300)
 
 
-def init(op, v0, *, size, max_hvps, k, key) -> LanczosState:
+def init(op, v0, *, size, max_hvps, k, key,
+         basis_dtype=None) -> LanczosState:
   """The state before the first product: ``q_0 = v0`` (unit) in slot 0."""
-  basis = basis_lib.put(basis_lib.zeros(op.template, size + 1, op.shardings),
-                        0, v0)
+  basis = basis_lib.put(basis_lib.zeros(op.template, size + 1, op.shardings,
+                                        basis_dtype), 0, v0)
   return LanczosState(
       basis=basis, w=basis_lib.get(basis, 0), t=np.zeros((size, size)), j=0,
       kept=0, block=0, beta=0.0, key=key, ritz=np.full((max_hvps, k), np.nan),
@@ -469,8 +470,8 @@ def result(op, state: LanczosState, run: driver.Run,
 def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
             key=None, ncv: int | None = None, tol: float = 1e-6,
             max_hvps: int = 1000, v0=None, show_pbar: bool = True,
-            checkpointer=None,
-            steps_per_call: int | None = None) -> LanczosResult:
+            checkpointer=None, steps_per_call: int | None = None,
+            basis_dtype=None) -> LanczosResult:
   """``k`` eigenpairs of the Hessian of the dataset loss, by Lanczos.
 
   Also callable as ``lanczos(loss, params, batch_iterable, k, ...)`` with
@@ -507,6 +508,13 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
       and TPUs): 0.91x the bare product time per product on the digits MLP
       with 8, against 1.34x step by step; XLA:CPU runs loop bodies without
       its fast convolutions, so there it costs 3.4x on the digits CNN.
+    basis_dtype: the Krylov basis's dtype; by default the parameters' but
+      at least float32 (products are taken in the parameters' dtypes; the
+      scalars of ``T`` are float32 or wider). ``jnp.bfloat16`` halves the
+      basis's memory for bfloat16 parameters and loses orthogonality.
+
+  Returns:
+    A :class:`LanczosResult`; its eigenvectors are in the basis's dtype.
   """
   n = tree_math.tree_size(op.template)
   if which not in WHICH:
@@ -522,8 +530,12 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
   if not max_hvps >= 1:
     raise ValueError(f"max_hvps must be at least 1, got {max_hvps!r}.")
   key = jax.random.key(0) if key is None else key
+  # The recurrence's rounding is the basis's: breakdown thresholds scale with
+  # its eps (a bfloat16 eps would call every step of a float32 basis a
+  # breakdown).
   dtype = jnp.result_type(*jax.tree.leaves(op.template))
-  eps = float(jnp.finfo(dtype).eps)
+  eps = float(jnp.finfo(tree_math.accumulation_dtype(dtype) if basis_dtype
+                        is None else basis_dtype).eps)
   opts = _Options(k=k, which=which, tol=max(tol, eps), size=min(ncv, n),
                   dimension=n, tiny=100 * eps)
   if steps_per_call is not None and (
@@ -533,7 +545,7 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
   steps = (steps_per_call if steps_per_call and op.pass_program() is not None
            else 0)
   state = init(op, power.unit_start(op, v0, key, "v0"), size=opts.size,
-               max_hvps=max_hvps, k=k, key=key)
+               max_hvps=max_hvps, k=k, key=key, basis_dtype=basis_dtype)
   method = driver.Method(
       name=f"lanczos {which} k={k}",
       step=lambda op, s: step(op, s, opts, steps),

@@ -185,14 +185,16 @@ def shard_bytes(tree, shardings) -> int:
   return total
 
 
-def _state(method, template, shardings, *, ncv, num_probes, basis_dtype):
+def method_state(method, template, shardings, *, ncv, num_probes,
+                 basis_dtype):
   """The vectors ``method`` keeps between products, in bytes per device."""
   vec = shard_bytes(template, shardings)
   if method == "power":
     return {"power vectors (V, HV)": 2 * vec}
   if method in ("lanczos", "density"):
     size = ncv + 1
-    dtype = basis_dtype or jnp.result_type(*jax.tree.leaves(template))
+    dtype = basis_dtype or tree_math.accumulation_dtype(
+        jnp.result_type(*jax.tree.leaves(template)))
     basis = jax.tree.map(lambda t: jax.ShapeDtypeStruct(
         (size, *np.shape(t)), dtype), template)
     per = shard_bytes(basis, sharding_lib.basis_shardings(
@@ -237,7 +239,8 @@ def plan(loss: Callable, params, batch, *, num_batches: int = 1,
       vectors the method keeps.
     ncv: the Krylov basis size for ``'lanczos'`` and ``'density'``.
     num_probes: probes in one batched pass for ``'trace'``.
-    basis_dtype: the Krylov basis's dtype (default: the parameters').
+    basis_dtype: the Krylov basis's dtype (default: the parameters', at
+      least float32, as ``lanczos`` stores it).
     uses_rng: the loss takes a fourth argument, a PRNG key.
 
   Returns:
@@ -287,8 +290,8 @@ def plan(loss: Callable, params, batch, *, num_batches: int = 1,
                                    y, w, key, padded=False).compile()
   costs = (program_cost("HVP of one batch, added to the pass's sums", step),)
   state = {"parameters": shard_bytes(params, shardings),
-           **_state(method, template, vector_shardings, ncv=ncv,
-                    num_probes=num_probes, basis_dtype=basis_dtype)}
+           **method_state(method, template, vector_shardings, ncv=ncv,
+                          num_probes=num_probes, basis_dtype=basis_dtype)}
   device = mesh.devices.flat[0]
   chip = CHIPS.get(device.device_kind)
   # The program's arguments are the parameters and vectors counted in state.
