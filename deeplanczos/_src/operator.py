@@ -49,10 +49,10 @@ def _loss_output(loss, uses_rng, params_spec, batch_spec):
   return jax.eval_shape(loss, params, x, y, *args)
 
 
-@functools.lru_cache(maxsize=64)
-def _per_device_failure(loss, uses_rng, mesh, data_axis, params_spec,
-                        batch_spec):
-  """Why ``loss`` cannot be traced per device inside ``shard_map``, or None.
+def _per_device_output(loss, uses_rng, mesh, data_axis, params_spec,
+                       batch_spec):
+  """``(output, None)`` of ``loss`` on one device's share of a batch, traced
+  inside ``shard_map`` over the data axis; or ``(None, why)`` if it fails.
 
   Some models trace under ``jit`` but not with a manual data axis: flax's
   ``nn.DenseGeneral`` with ``nn.with_partitioning`` on a kernel of rank 3
@@ -64,16 +64,16 @@ def _per_device_failure(loss, uses_rng, mesh, data_axis, params_spec,
   x, y = batch_spec[0].unflatten(batch_spec[1])
   size = mesh.shape[data_axis]
   x, y = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-      (size * a.shape[0], *a.shape[1:]), a.dtype), (x, y))
+      (-(-a.shape[0] // size) * size, *a.shape[1:]), a.dtype), (x, y))
   args = (jax.random.key(0),) if uses_rng else ()
-  local = lambda p, xb, yb: loss(p, xb, yb, *args)[None]
+  local = lambda p, xb, yb: jnp.asarray(loss(p, xb, yb, *args))[None]
   try:
-    jax.eval_shape(jax.shard_map(
+    out = jax.eval_shape(jax.shard_map(
         local, mesh=mesh, in_specs=(P(), P(data_axis), P(data_axis)),
         out_specs=P(data_axis), axis_names={data_axis}), params, x, y)
   except Exception as e:  # pylint: disable=broad-except
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-  return None
+    return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+  return jax.ShapeDtypeStruct(out.shape[1:], out.dtype), None
 
 
 @functools.lru_cache(maxsize=64)
@@ -251,6 +251,7 @@ class HessianOperator:
     self.shardings = subset_lib.take(self.template, full_shardings)
     treedef = jax.tree.structure(self.params)
     self._auto_accumulate = accumulate is None
+    self._probed = None, None  # (batch spec, loss output) checked per device
     if accumulate is None:
       accumulate = hvp_lib.choose_accumulate(self.shardings, self.mesh,
                                              data_axis)
@@ -329,32 +330,44 @@ class HessianOperator:
     return other
 
   def _check_loss(self, x, y, n, index):
-    try:
-      out = _loss_output(self.kernel.loss, self.kernel.uses_rng,
-                         self._params_spec, _spec((x, y)))
-    except Exception as e:  # pylint: disable=broad-except
-      lines = str(e).strip().splitlines() or [""]
-      raise ValueError(
-          f"loss(params, x, y) fails on batch {index} (x "
-          f"{batches_lib.shapes(x)}, y {batches_lib.shapes(y)}): "
-          f"{type(e).__name__}: {lines[0][:300]}") from e
+    """Checks the loss's output; settles the layout on the first batch.
+
+    With the layout chosen automatically as replicated, the first batch is
+    checked inside ``shard_map`` (where the replicated programs will trace
+    it): a loss that traces under ``jit`` but not there switches the layout
+    to split, with a warning. Every batch shape is traced once either way.
+    """
+    spec, failure = _spec((x, y)), None
+    if (index == 0 and self._auto_accumulate
+        and self.kernel.accumulate == "replicated"):
+      out, failure = _per_device_output(
+          self.kernel.loss, self.kernel.uses_rng, self.mesh,
+          self.kernel.data_axis, self._params_spec, spec)
+      self._probed = spec, out
+    out = self._probed[1] if self._probed[0] == spec else None
+    if out is None:
+      try:
+        out = _loss_output(self.kernel.loss, self.kernel.uses_rng,
+                           self._params_spec, _spec((x, y)))
+      except Exception as e:  # pylint: disable=broad-except
+        lines = str(e).strip().splitlines() or [""]
+        raise ValueError(
+            f"loss(params, x, y) fails on batch {index} (x "
+            f"{batches_lib.shapes(x)}, y {batches_lib.shapes(y)}): "
+            f"{type(e).__name__}: {lines[0][:300]}") from e
+    if failure is not None:
+      warnings.warn(
+          "The loss does not trace per device inside shard_map over the data "
+          f"axis ({failure}); summing products in the parameters' layout "
+          "instead (accumulate='split').", stacklevel=2)
+      self.kernel = dataclasses.replace(self.kernel, accumulate="split")
+      self._programs = hvp_lib.programs(self.kernel)
     if not (hasattr(out, "shape") and out.shape == ()
             and jnp.issubdtype(out.dtype, jnp.floating)):
       got = getattr(out, "shape", type(out).__name__)
       raise ValueError("loss(params, x, y) must return a floating scalar (the "
                        f"mean loss of the batch); for a batch of {n} examples "
                        f"it returned {got} {getattr(out, 'dtype', '')}.")
-    if self._auto_accumulate and self.kernel.accumulate == "replicated":
-      failure = _per_device_failure(
-          self.kernel.loss, self.kernel.uses_rng, self.mesh,
-          self.kernel.data_axis, self._params_spec, _spec((x, y)))
-      if failure is not None:
-        warnings.warn(
-            "The loss does not trace per device inside shard_map over the "
-            f"data axis ({failure}); summing products in the parameters' "
-            "layout instead (accumulate='split').", stacklevel=2)
-        self.kernel = dataclasses.replace(self.kernel, accumulate="split")
-        self._programs = hvp_lib.programs(self.kernel)
 
   def _host_batches(self):
     first = None
