@@ -12,9 +12,9 @@ and package versions:
   memory             per-device memory on meshes of 8 fake devices
   processes          time per iteration with 1 and 2 processes on 127.0.0.1
   large_model        a 63M-parameter Transformer, FSDP on 8 fake devices
-  projection         per-device memory and time at 1B and 7B (arithmetic)
+  scale_compile      1B, 7B, 70B on TPU slices, by the TPU compiler (libtpu)
 
-  python -m benchmarks.report        (needs the bench extra: torch, pyhessian)
+  python -m benchmarks.report        (needs the bench and tpu extras)
   python -m benchmarks.report --reuse large_model   (keeps that part's table)
 
 Writes BENCHMARKS.md at the repository root; each table also stays in
@@ -33,11 +33,11 @@ from benchmarks import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARTS = ("hvp_cost", "pyhessian_compare", "scaling", "lanczos", "peers",
-         "memory", "processes", "large_model", "projection")
+         "memory", "processes", "large_model", "scale_compile")
 RESULT = {"pyhessian_compare": "pyhessian"}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
             "numpy", "scipy", "torch", "pyhessian", "matfree",
-            "curvlinops-for-pytorch", "hessian-eigenthings")
+            "curvlinops-for-pytorch", "hessian-eigenthings", "libtpu")
 
 
 def version(name):
