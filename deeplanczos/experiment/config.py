@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh_shrink = False  # shrink fixed axes to fit the devices present
   c.data_axis = "data"
   c.model_axis = "model"
+  # Split every parameter over the data axis too (FSDP): the HVP then gathers
+  # one layer at a time (accumulate='split').
+  c.fsdp = False
   c.show_pbar = True
   # Check in 3 products that the operator is deterministic and symmetric.
   c.check_operator = False

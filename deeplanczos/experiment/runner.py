@@ -78,6 +78,22 @@ MATRICES = {"hessian": "Hessian", "ggn": "Gauss-Newton matrix",
             "fisher": "empirical Fisher"}
 
 
+def _shardings(config, params, mesh):
+  """The parameters' layout: flax metadata or the default rule, FSDP if asked.
+
+  Flax partitioning metadata, if the task's parameters carry it, names the
+  layout; otherwise the default rule splits leaves over the model axis. With
+  ``config.fsdp`` every leaf is also split over the axes it leaves unused.
+  """
+  shardings = sharding_lib.from_metadata(
+      params, mesh, shardings_rule=functools.partial(
+          sharding_lib.infer_sharding, model_axis=config.model_axis))
+  if config.get("fsdp", False):
+    shardings = sharding_lib.split_over_all_devices(
+        sharding_lib.unbox(params), shardings)
+  return shardings
+
+
 def _prepare(config):
   """Everything that can fail on bad input and costs little: no training.
 
@@ -103,11 +119,7 @@ def _prepare(config):
     dataset = data_lib.batch_dataset(task.x, task.y, config.batch_size)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  # Flax partitioning metadata, if the task's parameters carry it, names the
-  # layout; otherwise the default rule splits leaves over the model axis.
-  shardings = sharding_lib.from_metadata(
-      task.params, mesh, shardings_rule=functools.partial(
-          sharding_lib.infer_sharding, model_axis=config.model_axis))
+  shardings = _shardings(config, task.params, mesh)
   if config.curvature == "ggn" and task.model_fn is None:
     raise ConfigError(f"config.curvature='ggn' needs a task with model_fn and "
                       f"output_loss; {config.task!r} has none.")
@@ -200,9 +212,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"config.dry_run={config.dry_run!r}: {e}") from e
   task = tasks_lib.build_task(config)
   shapes = jax.eval_shape(lambda: task.params)
-  shardings = sharding_lib.from_metadata(
-      shapes, mesh, shardings_rule=functools.partial(
-          sharding_lib.infer_sharding, model_axis=config.model_axis))
+  shardings = _shardings(config, shapes, mesh)
   n = min(config.batch_size, len(task.y))
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
       (n, *np.shape(a)[1:]), np.asarray(a).dtype), (task.x, task.y))
@@ -269,6 +279,7 @@ def _run(config, workdir, lead, mesh, task, shardings, dataset, checkpointer,
       "num_devices": jax.device_count(),
       "platform": jax.devices()[0].platform,
       "data_on_device": op.data_on_device,
+      "accumulate": op.kernel.accumulate,
       "timings": {**timings, "method_s": end - t_method,
                   "seconds_per_hvp": (end - t_method) / result["num_hvps"]},
       "versions": {"deeplanczos": deeplanczos.__version__,
