@@ -176,7 +176,8 @@ def test_dry_run_bytes_equal_the_real_runs_and_gathers_sit_in_the_loop():
   planned = deeplanczos.plan(loss, shapes, batch, mesh=mesh,
                              shardings=shardings, num_batches=2, ncv=10)
   assert planned.accumulate == "split"
-  (pass_cost,) = planned.programs
+  pass_cost, reorth = planned.programs
+  assert reorth.name.startswith("reorthogonalize against the 11-vector")
 
   # The real run: the operator streams the same batches through the same
   # program; compile it for the arrays it ran on.

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from deeplanczos._src import basis as basis_lib
 from deeplanczos._src import hvp as hvp_lib
 from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import subset as subset_lib
@@ -289,6 +290,19 @@ def plan(loss: Callable, params, batch, *, num_batches: int = 1,
   step = programs.batch_step.lower(abstract_params, v, acc, stats, index, x,
                                    y, w, key, padded=False).compile()
   costs = (program_cost("HVP of one batch, added to the pass's sums", step),)
+  if method in ("lanczos", "density"):
+    size = ncv + 1
+    dtype = basis_dtype or tree_math.accumulation_dtype(
+        jnp.result_type(*jax.tree.leaves(template)))
+    basis = jax.tree.map(
+        lambda t, s: jax.ShapeDtypeStruct((size, *np.shape(t)), dtype,
+                                          sharding=s),
+        template, sharding_lib.basis_shardings(template, vector_shardings,
+                                               size))
+    count = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    reorth = basis_lib.orthogonalize.lower(basis, v, count).compile()
+    costs += (program_cost(f"reorthogonalize against the {size}-vector "
+                           "basis", reorth),)
   state = {"parameters": shard_bytes(params, shardings),
            **method_state(method, template, vector_shardings, ncv=ncv,
                           num_probes=num_probes, basis_dtype=basis_dtype)}
