@@ -408,3 +408,22 @@ def test_matvecs_of_streamed_data_are_one_pass_each(mlp):
   assert streamed.num_matvecs == 2
   np.testing.assert_allclose(helpers.flat(jax.tree.map(lambda a: a[1], hv)),
                              2 * h @ helpers.flat(params), rtol=1e-10)
+
+
+def test_slq_in_batched_passes_matches_one_probe_at_a_time(mlp):
+  loss, params, batches, _, w, _ = mlp
+  op = deeplanczos.HessianOperator(loss, params, batches)
+  one = deeplanczos.spectral_density(op, num_probes=5, num_steps=len(w),
+                                     key=jax.random.key(1), show_pbar=False)
+  # 5 probes, 3 at a time: a batch of 3 and one of 2; the probes break down
+  # (the Hessian has repeated eigenvalues) at steps of their own.
+  many = deeplanczos.spectral_density(op, num_probes=5, num_steps=len(w),
+                                      key=jax.random.key(1), show_pbar=False,
+                                      probes_per_call=3)
+  np.testing.assert_array_equal(np.isnan(many.nodes), np.isnan(one.nodes))
+  np.testing.assert_allclose(many.nodes, one.nodes, atol=1e-9)
+  np.testing.assert_allclose(many.weights, one.weights, atol=1e-9)
+  np.testing.assert_allclose(many.density, one.density, rtol=1e-8,
+                             atol=1e-10)
+  # Each probe's nodes lie in the dense spectrum; its largest is the top.
+  assert np.nanmax(many.nodes) == pytest.approx(w.max(), rel=1e-9)

@@ -12,6 +12,7 @@ node by a Gaussian gives a smooth density (Ghorbani et al., 2019).
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from deeplanczos._src import api
@@ -61,17 +62,27 @@ def init(num_probes: int, num_steps: int) -> DensityState:
                       np.zeros((num_probes, num_steps)), 0)
 
 
-def step(op, state: DensityState, keys, num_steps) -> DensityState:
-  """One probe: ``T`` from ``num_steps`` Lanczos steps on a Rademacher ``v``;
-  its eigenvalues are the nodes, the squared first components the weights."""
+def step(op, state: DensityState, keys, num_steps,
+         probes_per_call: int = 1) -> DensityState:
+  """The next probes: ``T`` from ``num_steps`` Lanczos steps on Rademacher
+  vectors; its eigenvalues are the nodes, the squared first components the
+  weights. One probe, or up to ``probes_per_call`` in batched passes."""
   p = state.done
-  probe = op.random_vector(keys[p], kind="rademacher")
-  decomposition = lanczos_lib.tridiagonalize(op, probe, num_steps)
-  theta, s = np.linalg.eigh(decomposition.tridiagonal)
+  count = min(probes_per_call, len(keys) - p)
+  if count == 1:
+    probe = op.random_vector(keys[p], kind="rademacher")
+    ts = [lanczos_lib.tridiagonalize(op, probe, num_steps).tridiagonal]
+  else:
+    probes = jax.tree.map(lambda *a: jnp.stack(a), *[
+        op.random_vector(keys[p + i], kind="rademacher")
+        for i in range(count)])
+    ts = lanczos_lib.tridiagonalize_many(op, probes, num_steps)
   nodes, weights = state.nodes.copy(), state.weights.copy()
-  nodes[p, :theta.size] = theta
-  weights[p, :theta.size] = s[0] ** 2
-  return DensityState(nodes, weights, p + 1)
+  for i, t in enumerate(ts):
+    theta, s = np.linalg.eigh(t)
+    nodes[p + i, :theta.size] = theta
+    weights[p + i, :theta.size] = s[0] ** 2
+  return DensityState(nodes, weights, p + count)
 
 
 def result(state: DensityState, run, grid_size, sigma) -> DensityResult:
@@ -90,7 +101,8 @@ def result(state: DensityState, run, grid_size, sigma) -> DensityResult:
 def spectral_density(op, *, num_probes: int = 8, num_steps: int = 64,
                      key=None, grid_size: int = 1000,
                      sigma: float | None = None, show_pbar: bool = True,
-                     checkpointer=None) -> DensityResult:
+                     checkpointer=None,
+                     probes_per_call: int = 1) -> DensityResult:
   """The Hessian's eigenvalue density by stochastic Lanczos quadrature.
 
   Also callable as ``spectral_density(loss, params, batch_iterable, ...)``
@@ -106,12 +118,17 @@ def spectral_density(op, *, num_probes: int = 8, num_steps: int = 64,
     show_pbar: a tqdm bar over the products.
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``; finished probes
       are saved and, after a restart, not run again.
+    probes_per_call: run this many probes together: each Lanczos step is
+      one batched pass for all of them (``vmap`` over the probes: the data
+      is read once and the products share it), with a basis per probe in
+      memory. The nodes and weights are the same to rounding.
 
   Returns:
     A :class:`DensityResult`.
   """
   for name, value in (("num_probes", num_probes), ("num_steps", num_steps),
-                      ("grid_size", grid_size)):
+                      ("grid_size", grid_size),
+                      ("probes_per_call", probes_per_call)):
     if not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value!r}.")
   if sigma is not None and not sigma > 0:
@@ -119,7 +136,8 @@ def spectral_density(op, *, num_probes: int = 8, num_steps: int = 64,
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           num_probes)
   method = driver.Method(
-      name="SLQ", step=lambda op, s: step(op, s, keys, num_steps),
+      name="SLQ",
+      step=lambda op, s: step(op, s, keys, num_steps, probes_per_call),
       done=lambda s: s.done == num_probes,
       planned_hvps=num_probes * num_steps)
   run = driver.run(op, method, init(num_probes, num_steps),

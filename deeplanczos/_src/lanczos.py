@@ -586,8 +586,7 @@ def tridiagonalize(op: operator_lib.HessianOperator, v0,
   basis = basis_lib.zeros(op.template, num_steps + 1, op.shardings)
   norm = float(sharding_lib.host_value(tree_math.tree_norm(v0)))
   basis = basis_lib.put(basis, 0, basis_lib.scale(v0, 1.0 / norm))
-  dtype = jnp.result_type(*jax.tree.leaves(op.template))
-  tiny = 100 * float(jnp.finfo(dtype).eps)
+  tiny = 100 * float(jnp.finfo(jax.tree.leaves(basis)[0].dtype).eps)
   t = np.zeros((num_steps, num_steps))
   for j in range(num_steps):
     w = op.matvec(basis_lib.get(basis, j), where=f"at Lanczos step {j}")
@@ -601,3 +600,81 @@ def tridiagonalize(op: operator_lib.HessianOperator, v0,
     basis = basis_lib.put(basis, j + 1, basis_lib.scale(w, 1.0 / beta))
     t[j, j + 1] = t[j + 1, j] = beta
   return Decomposition(basis, t, w, num_steps)
+
+
+@functools.lru_cache(maxsize=64)
+def _stacked_zeros(treedef, specs, shardings):
+  make = lambda: treedef.unflatten([jnp.zeros(s, d) for s, d in specs])
+  return jax.jit(make, out_shardings=treedef.unflatten(shardings))
+
+
+@jax.jit
+def _start_many(bases, vectors):
+  """Slot 0 of every basis: the probes scaled to unit norm."""
+  norms = jax.vmap(tree_math.tree_norm)(vectors)
+  return jax.vmap(lambda b, v, n: basis_lib.put(
+      b, 0, tree_math.tree_scale(v, 1.0 / n)))(bases, vectors, norms)
+
+
+@jax.jit
+def _step_many(bases, w, count, keep):
+  """Reorthogonalizes each probe's product; the next slots, and ``T``'s
+  entries. Probes past a breakdown (``keep`` False) get a zero vector."""
+  w, c, beta = jax.vmap(basis_lib.orthogonalize,
+                        in_axes=(0, 0, None))(bases, w, count)
+  scale = jnp.where(keep & (beta > 0), 1.0 / jnp.where(beta > 0, beta, 1.0),
+                    0.0)
+  bases = jax.vmap(lambda b, v, a: basis_lib.put(
+      b, count, tree_math.tree_scale(v, a)))(bases, w, scale)
+  return bases, jnp.stack([c[:, count - 1], beta], axis=1)
+
+
+def tridiagonalize_many(op: operator_lib.HessianOperator, probes,
+                        num_steps: int) -> list[np.ndarray]:
+  """:func:`tridiagonalize` for a stack of probes, products in one pass each.
+
+  Every step is one batched pass over the data for all probes
+  (``op.matvecs``: the data is read once, the products share it) and one
+  host read of their ``T`` entries; memory is a basis per probe.
+
+  Args:
+    op: the operator.
+    probes: vectors stacked on a leading axis (``P`` probes).
+    num_steps: Lanczos steps per probe.
+
+  Returns:
+    ``P`` tridiagonal matrices, each truncated at its probe's breakdown.
+  """
+  count = jax.tree.leaves(probes)[0].shape[0]
+  num_steps = min(num_steps, tree_math.tree_size(op.template))
+  size = num_steps + 1
+  dtype = tree_math.accumulation_dtype(
+      jnp.result_type(*jax.tree.leaves(op.template)))
+  layout = sharding_lib.stacked(sharding_lib.basis_shardings(
+      op.template, op.shardings, size))
+  specs = tuple(((count, size, *t.shape), jnp.dtype(dtype))
+                for t in jax.tree.leaves(op.template))
+  bases = _stacked_zeros(jax.tree.structure(op.template), specs,
+                         tuple(jax.tree.leaves(layout)))()
+  bases = _start_many(bases, probes)
+  tiny = 100 * float(jnp.finfo(dtype).eps)
+  t = np.zeros((count, num_steps, num_steps))
+  steps = np.full(count, num_steps)
+  keep = np.ones(count, bool)
+  for j in range(num_steps):
+    w = op.matvecs(jax.tree.map(lambda b: b[:, j], bases),
+                   where=f"at Lanczos step {j}")
+    bases, entries = _step_many(bases, w, j + 1, jnp.asarray(keep))
+    entries = np.asarray(sharding_lib.host_value(entries), np.float64)
+    for p in np.flatnonzero(keep):
+      t[p, j, j] = entries[p, 0]
+      if j + 1 == num_steps:
+        continue
+      beta = entries[p, 1]
+      if beta <= tiny * max(np.abs(np.diag(t[p])[:j + 1]).max(), 1e-300):
+        keep[p], steps[p] = False, j + 1
+      else:
+        t[p, j, j + 1] = t[p, j + 1, j] = beta
+    if not keep.any():
+      break
+  return [t[p, :steps[p], :steps[p]] for p in range(count)]

@@ -203,7 +203,8 @@ def method_state(method, template, shardings, *, ncv, num_probes,
     state = {f"Krylov basis ({size} vectors, {jnp.dtype(dtype).name})": per,
              "working vectors (v, Hv)": 2 * vec}
     if method == "density":
-      state = {f"{k}, one probe at a time": b for k, b in state.items()}
+      state = {f"{k}, x{num_probes} probes at a time": b * num_probes
+               for k, b in state.items()}
     return state
   if method == "trace":
     return {f"probes and products ({num_probes} at a time)":
@@ -239,7 +240,8 @@ def plan(loss: Callable, params, batch, *, num_batches: int = 1,
     method: ``'power'``, ``'lanczos'``, ``'density'`` or ``'trace'``: which
       vectors the method keeps.
     ncv: the Krylov basis size for ``'lanczos'`` and ``'density'``.
-    num_probes: probes in one batched pass for ``'trace'``.
+    num_probes: probes in one batched pass (``probes_per_call``) for
+      ``'trace'`` and ``'density'``.
     basis_dtype: the Krylov basis's dtype (default: the parameters', at
       least float32, as ``lanczos`` stores it).
     uses_rng: the loss takes a fourth argument, a PRNG key.

@@ -31,7 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.lanczos = ml_collections.ConfigDict(
       {"k": 5, "which": "LA", "ncv": 0, "tol": 1e-6, "max_hvps": 300})
   c.density = ml_collections.ConfigDict(
-      {"num_probes": 4, "num_steps": 40, "grid_size": 1000, "sigma": 0.0})
+      {"num_probes": 4, "num_steps": 40, "grid_size": 1000, "sigma": 0.0,
+       "probes_per_call": 1})
   c.trace = ml_collections.ConfigDict({"estimator": "hutch++", "num_hvps": 60})
   # Full-batch gradient descent, the top eigenvalue every `every` steps.
   c.sharpness = ml_collections.ConfigDict(

@@ -58,7 +58,8 @@ def density(op, config, task, **run):
   r = deeplanczos.spectral_density(
       op, num_probes=c.num_probes, num_steps=c.num_steps,
       key=jax.random.key(config.seed), grid_size=c.grid_size,
-      sigma=c.sigma or None, **run)
+      sigma=c.sigma or None, probes_per_call=c.get("probes_per_call", 1),
+      **run)
   return {"grid": r.grid, "density": r.density, "nodes": r.nodes,
           "weights": r.weights, "sigma": r.sigma, "num_hvps": r.num_hvps,
           "headline": (f"eigenvalues in [{np.nanmin(r.nodes):.4g}, "

@@ -186,7 +186,8 @@ def _plan_options(config) -> dict:
     return {"method": "lanczos", "ncv": config.lanczos.ncv or max(2 * k + 1,
                                                                   20)}
   if config.method == "density":
-    return {"method": "density", "ncv": config.density.num_steps}
+    return {"method": "density", "ncv": config.density.num_steps,
+            "num_probes": config.density.get("probes_per_call", 1)}
   if config.method == "trace":
     return {"method": "trace"}
   return {"method": "power"}
