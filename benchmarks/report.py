@@ -13,6 +13,7 @@ and package versions:
   processes          time per iteration with 1 and 2 processes on 127.0.0.1
   large_model        a 63M-parameter Transformer, FSDP on 8 fake devices
   scale_compile      1B, 7B, 70B on TPU slices, by the TPU compiler (libtpu)
+  precision          bfloat16 against float32: top-3 eigenvalues
 
   python -m benchmarks.report        (needs the bench and tpu extras)
   python -m benchmarks.report --reuse large_model   (keeps that part's table)
@@ -33,7 +34,7 @@ from benchmarks import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARTS = ("hvp_cost", "pyhessian_compare", "scaling", "lanczos", "peers",
-         "memory", "processes", "large_model", "scale_compile")
+         "memory", "processes", "large_model", "scale_compile", "precision")
 RESULT = {"pyhessian_compare": "pyhessian"}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
             "numpy", "scipy", "torch", "pyhessian", "matfree",
