@@ -24,10 +24,10 @@ from tests import helpers
 LENGTH, VOCAB = 8, 16
 
 
-def _transformer(mesh=None, **options):
+def _transformer(mesh=None, num_layers=2, **options):
   rows = None if mesh is None else NamedSharding(mesh, P("data"))
   return models.Transformer(vocab_size=VOCAB, max_len=LENGTH, d_model=32,
-                            num_heads=4, num_layers=2, mlp_dim=64,
+                            num_heads=4, num_layers=num_layers, mlp_dim=64,
                             activation_sharding=rows, **options)
 
 
@@ -167,7 +167,8 @@ def _abstract(tree, shardings):
 
 def test_dry_run_bytes_equal_the_real_runs_and_gathers_sit_in_the_loop():
   mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
-  model = _transformer(mesh, scan_layers=True, remat=True, head_kernels=True)
+  model = _transformer(mesh, num_layers=4, scan_layers=True, remat=True,
+                       head_kernels=True)
   loss, params, shardings, x, y = _problem(model, mesh)
   shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                         params)
