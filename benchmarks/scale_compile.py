@@ -14,9 +14,11 @@ sequences, one sequence per data row of the mesh, every parameter split over
 all chips (the Transformer's tensor-parallel metadata on the model axis,
 FSDP over the data axis for the rest), block inputs constrained to
 P('data'). Columns: GiB per chip (arguments + outputs + temporaries, less
-donated), all-gathers and reduce-scatters inside / outside the compiled
-loops, flops per chip, and the roofline seconds of one Hessian-vector
-product over 2^20 tokens.
+donated), all-gathers, all-reduces and reduce-scatters inside / outside the
+compiled loops (the TPU compiler writes a reduce-scatter as an all-reduce and
+a slice), flops per chip, and the roofline seconds of one Hessian-vector
+product over 2^20 tokens (max of flops over the bf16 peak and bytes accessed
+over HBM bandwidth, per batch, times the batches).
 
 Needs the libtpu wheel matching jax (``pip install "jax[tpu]"``; no TPU is
 used). Compiles take minutes each on 2 cores.
@@ -90,6 +92,7 @@ def row_of(name, cost, chip, batches):
                           cost.bytes_accessed / chip.bandwidth)
   return (name, f"{cost.bytes / 2**30:.2f}",
           "{}/{}".format(*counts["all-gather"]),
+          "{}/{}".format(*counts["all-reduce"]),
           "{}/{}".format(*counts["reduce-scatter"]),
           f"{cost.flops / 1e12:.2f}", f"{seconds:.2f}")
 
@@ -114,7 +117,7 @@ def measure(name, topology, shape):
     states[dtype] = sum(vectors.values())
     out.append((f"+ Lanczos state, ncv=20, {jnp.dtype(dtype).name} basis",
                 f"{(planned.programs[0].bytes + states[dtype]) / 2**30:.2f}",
-                "", "", "", ""))
+                "", "", "", "", ""))
   print(f"  library {time.perf_counter() - t:.0f}s", flush=True)
 
   def plain(p, v, x, y):
@@ -158,8 +161,9 @@ def main():
     head, rows, summary = measure(name, topology, shape)
     lines += [f"**{head}**: {summary}.", "",
               "| program | GiB per chip | all-gathers in/out of loops | "
-              "reduce-scatters in/out | TFLOP per chip | roofline s per HVP "
-              "over 2^20 tokens |", "|---|---|---|---|---|---|"]
+              "all-reduces in/out | reduce-scatters in/out | TFLOP per chip | "
+              "roofline s per HVP over 2^20 tokens |",
+              "|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
   text = "\n".join(lines)
   print(text)
