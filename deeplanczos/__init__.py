@@ -27,6 +27,8 @@ from deeplanczos._src.power import PowerMethodIterate
 from deeplanczos._src.power import PowerResult
 from deeplanczos._src.power import power_iteration
 from deeplanczos._src.power import top_eigenvalue
+from deeplanczos._src.restore import checkpoint_steps
+from deeplanczos._src.restore import restore_params
 from deeplanczos._src.sharding import infer_sharding
 from deeplanczos._src.sharding import from_metadata as sharding_from_metadata
 from deeplanczos._src.sharding import make_mesh
@@ -53,6 +55,7 @@ __all__ = (
     "PowerResult",
     "TraceResult",
     "check_operator",
+    "checkpoint_steps",
     "hutchinson",
     "hutchpp",
     "infer_sharding",
@@ -62,6 +65,7 @@ __all__ = (
     "path_str",
     "plan",
     "power_iteration",
+    "restore_params",
     "save_eigenvectors",
     "sharding_from_metadata",
     "split_over_all_devices",

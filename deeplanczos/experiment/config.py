@@ -22,6 +22,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Deterministic training at start-up, so the Hessian is a trained net's.
   c.train = ml_collections.ConfigDict(
       {"steps": 500, "batch_size": 128, "learning_rate": 1e-3})
+  # Or the parameters of a training run's orbax checkpoint (a CheckpointManager
+  # directory): its step (-1: the latest), the item holding them ("": the
+  # only one) and their path in the saved tree. The task still builds the
+  # model (the shapes); config.train is then skipped.
+  c.params = ml_collections.ConfigDict(
+      {"directory": "", "step": -1, "item": "", "path": "params"})
   c.batch_size = 256  # global batch of a Hessian pass
   c.num_iterations = 30
   c.tol = 0.0  # stop early at this relative change; 0 runs every iteration

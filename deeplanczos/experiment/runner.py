@@ -5,6 +5,7 @@ one operator -> the chosen method -> ``result.json`` and a PNG plot in the
 workdir, written by process 0 only.
 """
 
+import dataclasses
 import functools
 import math
 import os
@@ -166,7 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         checkpointer.check_fingerprint()
         _stop_if(sigterm, "before training")
         t_train = time.perf_counter()
-        task = tasks_lib.train(task, config)
+        task = _trained(task, config, shardings)
         _check_finite_loss(task, config, "after training")
         timings = {"setup_s": t_train - start,
                    "train_s": time.perf_counter() - t_train}
@@ -232,6 +233,27 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir_lib.make(workdir, True)
     files.write_json(os.path.join(workdir, "dry_run.json"), result, indent=2)
   return result
+
+
+def _trained(task, config, shardings):
+  """The task at its trained parameters: from ``config.params``' checkpoint
+  (restored onto ``shardings``, each process reading its shards), or from
+  :func:`tasks.train`."""
+  c = config.get("params")
+  if not c or not c.directory:
+    return tasks_lib.train(task, config)
+  shapes = jax.eval_shape(lambda: sharding_lib.unbox(task.params))
+  like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                        sharding=s),
+                      shapes, shardings)
+  try:
+    params = deeplanczos.restore_params(
+        c.directory, like, step=None if c.step < 0 else c.step,
+        path=c.path, item=c.item or None)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"config.params: {e}") from e
+  logging.info("Parameters restored from %s (config.params).", c.directory)
+  return dataclasses.replace(task, params=params)
 
 
 def _stop_if(sigterm, where):
