@@ -336,6 +336,21 @@ def _scan(product, kernel, params, v, carry, segment, loss_rng, padded,
   return carry
 
 
+def _compiled(start, segment_step, batch_step, finish, device_pass,
+              accumulators, outputs) -> Programs:
+  """The pass's functions under ``jit``, the steps donating their sums."""
+  return Programs(
+      start=jax.jit(start, static_argnames="weight_dtype",
+                    out_shardings=accumulators),
+      segment_step=jax.jit(segment_step, static_argnames=("padded", "unroll"),
+                           out_shardings=accumulators, donate_argnums=(2, 3)),
+      batch_step=jax.jit(batch_step, static_argnames="padded",
+                         out_shardings=accumulators, donate_argnums=(2, 3)),
+      finish=jax.jit(finish, out_shardings=outputs),
+      device_pass=jax.jit(device_pass, static_argnames=("padded", "unroll"),
+                          out_shardings=outputs))
+
+
 @functools.lru_cache(maxsize=64)
 def programs(kernel: Kernel) -> Programs:
   """The kernel's programs, compiled on first use and cached with it."""
@@ -371,17 +386,8 @@ def _split_programs(kernel: Kernel) -> Programs:
                     is_padded, n)
     return _finish(*carry, v)
 
-  outputs = (kernel.vector_shardings, rep)
-  return Programs(
-      start=jax.jit(start, static_argnames="weight_dtype",
-                    out_shardings=accumulators),
-      segment_step=jax.jit(segment_step, static_argnames=("padded", "unroll"),
-                           out_shardings=accumulators, donate_argnums=(2, 3)),
-      batch_step=jax.jit(batch_step, static_argnames="padded",
-                         out_shardings=accumulators, donate_argnums=(2, 3)),
-      finish=jax.jit(_finish, out_shardings=outputs),
-      device_pass=jax.jit(device_pass, static_argnames=("padded", "unroll"),
-                          out_shardings=outputs))
+  return _compiled(start, segment_step, batch_step, _finish, device_pass,
+                   accumulators, (kernel.vector_shardings, rep))
 
 
 def _replicated_programs(kernel: Kernel) -> Programs:
@@ -457,14 +463,5 @@ def _replicated_programs(kernel: Kernel) -> Programs:
         out_specs=P(), axis_names=manual)(params, v, segments, loss_rng)
     return _finish(hv_sum, stats, v)
 
-  accumulators = (acc_sh, stats_sh)
-  return Programs(
-      start=jax.jit(start, static_argnames="weight_dtype",
-                    out_shardings=accumulators),
-      segment_step=jax.jit(segment_step, static_argnames=("padded", "unroll"),
-                           out_shardings=accumulators, donate_argnums=(2, 3)),
-      batch_step=jax.jit(batch_step, static_argnames="padded",
-                         out_shardings=accumulators, donate_argnums=(2, 3)),
-      finish=jax.jit(finish, out_shardings=(vec_sh, rep)),
-      device_pass=jax.jit(device_pass, static_argnames=("padded", "unroll"),
-                          out_shardings=(vec_sh, rep)))
+  return _compiled(start, segment_step, batch_step, finish, device_pass,
+                   (acc_sh, stats_sh), (vec_sh, rep))
