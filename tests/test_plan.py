@@ -277,3 +277,31 @@ def test_bfloat16_parameters_end_to_end_against_the_dense_answer():
   np.testing.assert_allclose(power.eigenvalue, top[0], rtol=2e-2)
   assert {l.dtype for l in jax.tree.leaves(power.eigenvector)} == {
       jnp.dtype(jnp.bfloat16)}
+
+
+def test_layout_probe_traces_once_over_streamed_passes_and_operators():
+  mesh = deeplanczos.make_mesh([("data", 8)])
+  rng = np.random.default_rng(0)
+  params = {"w1": rng.normal(size=(8, 8)), "b1": np.zeros(8),
+            "w2": rng.normal(size=(8, 4)), "b2": np.zeros(4)}
+  x, y = rng.normal(size=(32, 8)), rng.integers(0, 4, size=32)
+  traces = []
+
+  def loss(p, xb, yb):
+    traces.append(xb.shape)
+    return _cross_entropy(_mlp(p, xb), yb)
+
+  batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+  op = deeplanczos.HessianOperator(loss, params, batches, mesh=mesh,
+                                   data_on_device=False)
+  assert op.kernel.accumulate == "replicated"
+  v = op.random_vector(jax.random.key(0))
+  op.matvec(v)
+  first = len(traces)
+  # the per-device check (2 rows a device) and the compiled step: 2 traces
+  assert first == 2, traces
+  op.matvec(v)
+  again = deeplanczos.HessianOperator(loss, params, batches, mesh=mesh,
+                                      data_on_device=False)
+  again.matvec(v)
+  assert len(traces) == first

@@ -49,6 +49,7 @@ def _loss_output(loss, uses_rng, params_spec, batch_spec):
   return jax.eval_shape(loss, params, x, y, *args)
 
 
+@functools.lru_cache(maxsize=64)
 def _per_device_output(loss, uses_rng, mesh, data_axis, params_spec,
                        batch_spec):
   """``(output, None)`` of ``loss`` on one device's share of a batch, traced
@@ -332,13 +333,14 @@ class HessianOperator:
   def _check_loss(self, x, y, n, index):
     """Checks the loss's output; settles the layout on the first batch.
 
-    With the layout chosen automatically as replicated, the first batch is
-    checked inside ``shard_map`` (where the replicated programs will trace
-    it): a loss that traces under ``jit`` but not there switches the layout
-    to split, with a warning. Every batch shape is traced once either way.
+    With the layout chosen automatically as replicated, the operator's first
+    batch is checked inside ``shard_map`` (where the replicated programs will
+    trace it): a loss that traces under ``jit`` but not there switches the
+    layout to split, with a warning. Every batch shape is traced once either
+    way, however many passes stream the data.
     """
     spec, failure = _spec((x, y)), None
-    if (index == 0 and self._auto_accumulate
+    if (self._probed[0] is None and self._auto_accumulate
         and self.kernel.accumulate == "replicated"):
       out, failure = _per_device_output(
           self.kernel.loss, self.kernel.uses_rng, self.mesh,
@@ -348,7 +350,7 @@ class HessianOperator:
     if out is None:
       try:
         out = _loss_output(self.kernel.loss, self.kernel.uses_rng,
-                           self._params_spec, _spec((x, y)))
+                           self._params_spec, spec)
       except Exception as e:  # pylint: disable=broad-except
         lines = str(e).strip().splitlines() or [""]
         raise ValueError(
