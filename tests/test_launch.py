@@ -87,25 +87,27 @@ def finish(proc, timeout=300):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_two_processes_match_one(tmp_path, fsdp):
-  # With FSDP the parameters are split over the data axis across the two
-  # processes, and products are reduced per batch in that layout.
+def test_two_processes_match_one(tmp_path):
   finish(launch(tmp_path / "one", 1))
-  port = free_port()
-  # One workdir for the job, as on a pod's shared storage: all processes
-  # write their shards of checkpoints there, only process 0 the results.
-  procs = [launch(tmp_path / "two", 2, f"--coordinator_address=127.0.0.1:{port}",
-                  "--num_processes=2", f"--process_id={i}",
-                  f"--config.fsdp={fsdp}") for i in range(2)]
-  logs = [finish(p) for p in procs]
   one = check_result(tmp_path / "one")
-  two = check_result(tmp_path / "two")
-  assert "results in" in logs[0] and "results in" not in logs[1]
-  assert two["num_processes"] == 2 and two["mesh"] == {"data": 4, "model": 1}
-  assert two["accumulate"] == ("split" if fsdp else "replicated")
-  np.testing.assert_allclose(two["history"]["eigenvalue"],
-                             one["history"]["eigenvalue"], rtol=1e-5)
+  # Replicated parameters (one psum a pass), then FSDP: parameters split over
+  # the data axis across the two processes, products reduced per batch.
+  for fsdp in (False, True):
+    port = free_port()
+    workdir = tmp_path / f"two_fsdp_{fsdp}"
+    # One workdir for the job, as on a pod's shared storage: all processes
+    # write their shards of checkpoints there, only process 0 the results.
+    procs = [launch(workdir, 2, f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2", f"--process_id={i}",
+                    f"--config.fsdp={fsdp}") for i in range(2)]
+    logs = [finish(p) for p in procs]
+    two = check_result(workdir)
+    assert "results in" in logs[0] and "results in" not in logs[1]
+    assert two["num_processes"] == 2 and two["mesh"] == {"data": 4,
+                                                         "model": 1}
+    assert two["accumulate"] == ("split" if fsdp else "replicated")
+    np.testing.assert_allclose(two["history"]["eigenvalue"],
+                               one["history"]["eigenvalue"], rtol=1e-5)
 
 
 @pytest.mark.slow

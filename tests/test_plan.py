@@ -81,7 +81,7 @@ def test_head_kernels_on_a_tensor_parallel_mesh_fall_back_to_split():
   # replicated layout for an unsplit-over-data model gives way, with a
   # warning, and the products still equal one device's.
   mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
-  model = _transformer(head_kernels=True)
+  model = _transformer(head_kernels=True, scan_layers=True)
   loss, params, shardings, x, y = _problem(model, mesh, fsdp=False)
   op = deeplanczos.HessianOperator(loss, params, _batches(x, y),
                                    shardings=shardings)
@@ -180,12 +180,11 @@ def test_dry_run_bytes_equal_the_real_runs_and_gathers_sit_in_the_loop():
   pass_cost, reorth = planned.programs
   assert reorth.name.startswith("reorthogonalize against the 11-vector")
 
-  # The real run: the operator streams the same batches through the same
-  # program; compile it for the arrays it ran on.
+  # The real run: a streaming operator's program for one batch, compiled for
+  # the arrays it runs on.
   op = deeplanczos.HessianOperator(loss, params, _batches(x, y),
                                    shardings=shardings, data_on_device=False)
   v = op.random_vector(jax.random.key(1))
-  op.matvec(v)
   weight_dtype = op._weight_dtype  # pylint: disable=protected-access
   acc, stats = op._programs.start(v, weight_dtype=weight_dtype)  # pylint: disable=protected-access
   host = batches_lib.to_host_batch(x[:8], y[:8], None, 8, local_data=4,

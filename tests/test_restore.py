@@ -83,6 +83,7 @@ def test_launcher_analyses_a_trainers_checkpoint(tmp_path, monkeypatch):
   from deeplanczos import experiment  # pylint: disable=g-import-not-at-top
   from deeplanczos.experiment import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   config = helpers.small_config()
+  config.num_iterations = 10
   task = tasks_lib.build_task(config)
   params = jax.tree.map(lambda a: 1.5 * a, task.params)
   with ocp.CheckpointManager(tmp_path / "train") as manager:
