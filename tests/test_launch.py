@@ -277,8 +277,9 @@ def test_loaded_eigenvectors_take_the_templates_pytree_type(tmp_path):
 
 def test_dry_run_compiles_without_training_and_matches_plan(tmp_path,
                                                             monkeypatch):
-  config = small_config("transformer_tokens")
+  config = small_config()
   config.method = "lanczos"
+  config.mesh_shape = (4, 2)
   config.dry_run = "local"
   monkeypatch.setattr(tasks_lib, "train",
                       lambda *a: pytest.fail("a dry run trains nothing"))

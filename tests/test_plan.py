@@ -57,41 +57,37 @@ def _max_diff(a, b):
                              jax.tree.leaves(jax.device_get(b))))
 
 
-def test_scanned_remat_head_kernel_model_on_fsdp_mesh_matches_one_device():
+def test_large_model_forms_on_fsdp_and_tensor_parallel_meshes():
+  """nn.scan + nn.remat + DenseGeneral head kernels (GQA) on 8 devices."""
   options = dict(scan_layers=True, remat=True, head_kernels=True,
                  num_kv_heads=2)
   mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
-  loss, params, shardings, x, y = _problem(_transformer(mesh, **options),
-                                           mesh)
-  op = deeplanczos.HessianOperator(loss, params, _batches(x, y),
-                                   shardings=shardings)
-  assert op.kernel.accumulate == "split"
-  loss1, params1, _, _, _ = _problem(_transformer(**options), mesh)
-  one = deeplanczos.HessianOperator(loss1, params1, _batches(x, y))
-  v = op.random_vector(jax.random.key(1))
-  assert _max_diff(op.matvec(v), one.matvec(jax.device_get(v))) < 1e-5
-  # The result keeps the parameters' layout.
-  assert jax.tree.leaves(op.matvec(v))[0].sharding == jax.tree.leaves(
-      op.shardings)[0]
-
-
-def test_head_kernels_on_a_tensor_parallel_mesh_fall_back_to_split():
-  # flax's DenseGeneral cannot trace inside shard_map (its init shape check
-  # applies the rank-3 partitioning to a flattened kernel), so the default
-  # replicated layout for an unsplit-over-data model gives way, with a
-  # warning, and the products still equal one device's.
-  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
-  model = _transformer(head_kernels=True, scan_layers=True)
-  loss, params, shardings, x, y = _problem(model, mesh, fsdp=False)
-  op = deeplanczos.HessianOperator(loss, params, _batches(x, y),
-                                   shardings=shardings)
-  assert op.kernel.accumulate == "replicated"
+  loss, params, tensor_parallel, x, y = _problem(_transformer(**options),
+                                                 mesh, fsdp=False)
   one = deeplanczos.HessianOperator(loss, params, _batches(x, y))
-  v = op.random_vector(jax.random.key(1))
-  with pytest.warns(UserWarning, match="accumulate='split'"):
-    hv = op.matvec(v)
+  v = jax.device_get(one.random_vector(jax.random.key(1)))
+  want = one.matvec(v)
+
+  # FSDP, activations constrained over the data axis: the split layout.
+  constrained, _, fsdp, _, _ = _problem(_transformer(mesh, **options), mesh)
+  op = deeplanczos.HessianOperator(constrained, params, _batches(x, y),
+                                   shardings=fsdp)
   assert op.kernel.accumulate == "split"
-  assert _max_diff(hv, one.matvec(jax.device_get(v))) < 1e-5
+  hv = op.matvec(op.check_vector(v))
+  assert _max_diff(hv, want) < 1e-5
+  assert jax.tree.leaves(hv)[0].sharding == jax.tree.leaves(op.shardings)[0]
+
+  # Tensor parallel (parameters whole over the data axis): the replicated
+  # layout by default, but flax's DenseGeneral cannot trace inside shard_map
+  # (its init shape check applies the rank-3 partitioning to a flattened
+  # kernel), so it gives way to the split layout with a warning.
+  op = deeplanczos.HessianOperator(loss, params, _batches(x, y),
+                                   shardings=tensor_parallel)
+  assert op.kernel.accumulate == "replicated"
+  with pytest.warns(UserWarning, match="accumulate='split'"):
+    hv = op.matvec(op.check_vector(v))
+  assert op.kernel.accumulate == "split"
+  assert _max_diff(hv, want) < 1e-5
 
 
 def _mlp(p, xb):
