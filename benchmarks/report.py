@@ -14,6 +14,7 @@ and package versions:
   large_model        a 63M-parameter Transformer, FSDP on 8 fake devices
   scale_compile      1B, 7B, 70B on TPU slices, by the TPU compiler (libtpu)
   precision          bfloat16 against float32: top-3 eigenvalues
+  probes             SLQ, Hutchinson, Hutch++ probes batched against one at a time
 
   python -m benchmarks.report        (needs the bench and tpu extras)
   python -m benchmarks.report --reuse large_model   (keeps that part's table)
@@ -34,7 +35,8 @@ from benchmarks import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARTS = ("hvp_cost", "pyhessian_compare", "scaling", "lanczos", "peers",
-         "memory", "processes", "large_model", "scale_compile", "precision")
+         "memory", "processes", "large_model", "scale_compile", "precision",
+         "probes")
 RESULT = {"pyhessian_compare": "pyhessian"}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
             "numpy", "scipy", "torch", "pyhessian", "matfree",
