@@ -24,6 +24,17 @@ def _zeros_program(treedef, specs, shardings):
   return jax.jit(make, out_shardings=treedef.unflatten(shardings))
 
 
+def zeros_stack(template, count, size, shardings, dtype=None):
+  """``count`` all-zero bases (a leading axis), each as :func:`zeros` makes."""
+  specs = tuple(((count, size, *t.shape), jnp.dtype(
+      tree_math.accumulation_dtype(t.dtype) if dtype is None else dtype))
+                for t in jax.tree.leaves(template))
+  layout = sharding_lib.stacked(sharding_lib.basis_shardings(
+      template, shardings, size))
+  return _zeros_program(jax.tree.structure(template), specs,
+                        tuple(jax.tree.leaves(layout)))()
+
+
 def zeros(template, size, shardings, dtype=None):
   """An all-zero basis of ``size`` vectors like ``template``.
 

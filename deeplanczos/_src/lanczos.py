@@ -602,13 +602,7 @@ def tridiagonalize(op: operator_lib.HessianOperator, v0,
   return Decomposition(basis, t, w, num_steps)
 
 
-@functools.lru_cache(maxsize=64)
-def _stacked_zeros(treedef, specs, shardings):
-  make = lambda: treedef.unflatten([jnp.zeros(s, d) for s, d in specs])
-  return jax.jit(make, out_shardings=treedef.unflatten(shardings))
-
-
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def _start_many(bases, vectors):
   """Slot 0 of every basis: the probes scaled to unit norm."""
   norms = jax.vmap(tree_math.tree_norm)(vectors)
@@ -616,7 +610,7 @@ def _start_many(bases, vectors):
       b, 0, tree_math.tree_scale(v, 1.0 / n)))(bases, vectors, norms)
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def _step_many(bases, w, count, keep):
   """Reorthogonalizes each probe's product; the next slots, and ``T``'s
   entries. Probes past a breakdown (``keep`` False) get a zero vector."""
@@ -648,16 +642,9 @@ def tridiagonalize_many(op: operator_lib.HessianOperator, probes,
   count = jax.tree.leaves(probes)[0].shape[0]
   num_steps = min(num_steps, tree_math.tree_size(op.template))
   size = num_steps + 1
-  dtype = tree_math.accumulation_dtype(
-      jnp.result_type(*jax.tree.leaves(op.template)))
-  layout = sharding_lib.stacked(sharding_lib.basis_shardings(
-      op.template, op.shardings, size))
-  specs = tuple(((count, size, *t.shape), jnp.dtype(dtype))
-                for t in jax.tree.leaves(op.template))
-  bases = _stacked_zeros(jax.tree.structure(op.template), specs,
-                         tuple(jax.tree.leaves(layout)))()
-  bases = _start_many(bases, probes)
-  tiny = 100 * float(jnp.finfo(dtype).eps)
+  bases = _start_many(basis_lib.zeros_stack(op.template, count, size,
+                                            op.shardings), probes)
+  tiny = 100 * float(jnp.finfo(jax.tree.leaves(bases)[0].dtype).eps)
   t = np.zeros((count, num_steps, num_steps))
   steps = np.full(count, num_steps)
   keep = np.ones(count, bool)
