@@ -466,6 +466,11 @@ def result(op, state: LanczosState, run: driver.Run,
       loss=op.loss_value, krylov_hvps=run.num_hvps, residual_hvps=len(lam))
 
 
+def default_ncv(k: int) -> int:
+  """The basis size ``lanczos`` keeps for ``k`` pairs by default."""
+  return max(2 * k + 1, 20)
+
+
 @api.takes_operator
 def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
             key=None, ncv: int | None = None, tol: float = 1e-6,
@@ -522,7 +527,7 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
   if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
     raise ValueError(f"k must be an integer from 1 to the number of "
                      f"parameters ({n}); got {k!r}.")
-  ncv = max(2 * k + 1, 20) if ncv is None else ncv
+  ncv = default_ncv(k) if ncv is None else ncv
   if not isinstance(ncv, (int, np.integer)) or ncv <= k and ncv < n:
     raise ValueError(f"ncv must be an integer larger than k={k}; got {ncv!r}.")
   if not tol >= 0:

@@ -23,6 +23,7 @@ from deeplanczos import checkpoint as checkpoint_lib
 from deeplanczos import data as data_lib
 from deeplanczos._src import driver
 from deeplanczos._src import files
+from deeplanczos._src import lanczos as lanczos_lib
 from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
 from deeplanczos.experiment import methods as methods_lib
@@ -183,9 +184,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 def _plan_options(config) -> dict:
   """The vectors ``config.method`` keeps, as ``deeplanczos.plan`` options."""
   if config.method == "lanczos":
-    k = config.lanczos.k
-    return {"method": "lanczos", "ncv": config.lanczos.ncv or max(2 * k + 1,
-                                                                  20)}
+    ncv = config.lanczos.ncv or lanczos_lib.default_ncv(config.lanczos.k)
+    return {"method": "lanczos", "ncv": ncv}
   if config.method == "density":
     return {"method": "density", "ncv": config.density.num_steps,
             "num_probes": config.density.get("probes_per_call", 1)}
