@@ -300,3 +300,12 @@ def test_layout_probe_traces_once_over_streamed_passes_and_operators():
                                       data_on_device=False)
   again.matvec(v)
   assert len(traces) == first
+
+
+def test_plan_refuses_an_unknown_method_before_compiling():
+  def loss(p, xb, yb):
+    pytest.fail("nothing is traced for a bad method")
+
+  spec = jax.ShapeDtypeStruct((4, 2), jnp.float32)
+  with pytest.raises(ValueError, match="method must be one of .* 'lanczoz'"):
+    deeplanczos.plan(loss, {"w": spec}, (spec, spec), method="lanczoz")

@@ -186,6 +186,9 @@ def shard_bytes(tree, shardings) -> int:
   return total
 
 
+METHODS = ("power", "lanczos", "density", "trace")
+
+
 def method_state(method, template, shardings, *, ncv, num_probes,
                  basis_dtype):
   """The vectors ``method`` keeps between products, in bytes per device."""
@@ -209,8 +212,7 @@ def method_state(method, template, shardings, *, ncv, num_probes,
   if method == "trace":
     return {f"probes and products ({num_probes} at a time)":
                 2 * num_probes * vec}
-  raise ValueError("method must be 'power', 'lanczos', 'density' or "
-                   f"'trace'; got {method!r}.")
+  raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
 
 
 def plan(loss: Callable, params, batch, *, num_batches: int = 1,
@@ -249,6 +251,8 @@ def plan(loss: Callable, params, batch, *, num_batches: int = 1,
   Returns:
     A :class:`Plan`; ``print(plan(...).table())`` shows it.
   """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
   if sharding_lib.has_metadata(params):
     if shardings is None and mesh is not None:
       shardings = sharding_lib.from_metadata(params, mesh,
