@@ -26,7 +26,6 @@ from absl import logging
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from deeplanczos._src import sharding as sharding_lib

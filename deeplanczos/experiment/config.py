@@ -20,8 +20,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.data = ml_collections.ConfigDict()
   # Deterministic training at start-up, so the Hessian is a trained net's.
+  # launch/train.py (the example trainer of a followed run) runs the same loop
+  # and saves orbax checkpoints every `checkpoint_every` steps, keeping the
+  # newest `keep` (0: all); the optimizer is 'adam' or 'sgd'.
   c.train = ml_collections.ConfigDict(
-      {"steps": 500, "batch_size": 128, "learning_rate": 1e-3})
+      {"steps": 500, "batch_size": 128, "learning_rate": 1e-3,
+       "optimizer": "adam", "checkpoint_every": 10, "keep": 0})
   # Or the parameters of a training run's orbax checkpoint (a CheckpointManager
   # directory): its step (-1: the latest), the item holding them ("": the
   # only one) and their path in the saved tree. The task still builds the
@@ -61,6 +65,21 @@ def base_config() -> ml_collections.ConfigDict:
   # without training or allocating: "local" (this machine's devices) or a TPU
   # slice to compile for, e.g. "v5e:8x8" (needs the libtpu wheel); "" runs.
   c.dry_run = ""
+  # Follow a training run as a long-running job beside it: watch
+  # config.params.directory and evaluate every checkpoint step (those there
+  # first, oldest first, then each new one) with the methods named here
+  # (comma-separated, of power, lanczos, trace, density; "": config.method),
+  # appending a line per step to WORKDIR/curvature.jsonl.
+  c.follow = False
+  c.follow_methods = ""
+  c.follow_every = 0  # skip steps fewer than this many after the last one done
+  c.follow_until = -1  # end once a step >= this is done (-1: no such step)
+  c.follow_timeout = 3600.0  # end after this many seconds with no new step
+  c.follow_poll = 5.0  # seconds between looks at the directory
+  # The trainer's marker of its last step: its presence in the directory
+  # ends the follower once every step there is done.
+  c.follow_marker = "training_done"
+  c.follow_learning_rate = 0.0  # the trainer's step size: a 2/lr line
   return c
 
 

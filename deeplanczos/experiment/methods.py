@@ -20,11 +20,12 @@ from deeplanczos.experiment import plots
 from deeplanczos.experiment.config import ConfigError
 
 
-def power(op, config, task, **run):
+def power(op, config, task, *, v0=None, **run):
   del task
   r = deeplanczos.power_iteration(
       op, num_iterations=config.num_iterations,
-      tol=config.get("tol") or None, key=jax.random.key(config.seed), **run)
+      tol=config.get("tol") or None, key=jax.random.key(config.seed), v0=v0,
+      **run)
   n = len(r.eigenvalues)
   history = {"alpha": r.alpha, "eigenvalue": r.eigenvalues, "q": r.q,
              "iteration": np.arange(n), "loss": np.full(n, r.loss),
@@ -35,12 +36,12 @@ def power(op, config, task, **run):
           "eigenpairs": (np.array([r.eigenvalue]), vectors)}
 
 
-def lanczos(op, config, task, **run):
+def lanczos(op, config, task, *, v0=None, **run):
   del task
   c = config.lanczos
   r = deeplanczos.lanczos(
       op, c.k, which=c.which, key=jax.random.key(config.seed),
-      ncv=c.ncv or None, tol=c.tol, max_hvps=c.max_hvps, **run)
+      ncv=c.ncv or None, tol=c.tol, max_hvps=c.max_hvps, v0=v0, **run)
   return {"eigenvalues": r.eigenvalues, "residuals": r.residuals,
           "relative_residuals": r.residuals / np.abs(r.eigenvalues),
           "residual_estimates": r.residual_estimates,
@@ -130,7 +131,11 @@ def sharpness(op, config, task, *, show_pbar, checkpointer):
 
 
 class Method(NamedTuple):
-  """``run(op, config, task, show_pbar=..., checkpointer=...) -> dict``, plot."""
+  """``run(op, config, task, show_pbar=..., checkpointer=...) -> dict``, plot.
+
+  ``power`` and ``lanczos`` also take ``v0=``, a starting vector shaped like
+  the parameters (a follower warm-starts them from the last step's vectors).
+  """
   run: Callable
   plot: Callable
 

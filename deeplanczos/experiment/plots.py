@@ -111,3 +111,67 @@ def sharpness(result, path):
   more = b.get_legend_handles_labels()
   a.legend(lines[0] + more[0], lines[1] + more[1], fontsize="small")
   _save(plt, fig, path)
+
+
+def curvature(records, path, *, matrix="Hessian", learning_rate=0.0):
+  """A followed run: each method's figures against the training step.
+
+  Args:
+    records: ``curvature.jsonl``'s lines, oldest step first.
+    path: the PNG to write.
+    matrix: the matrix's name, for the titles.
+    learning_rate: the trainer's step size; when given, the top eigenvalue's
+      panel shows the gradient-descent stability limit ``2 / lr``.
+  """
+  panels = [m for m in ("eigenvalues", "trace", "density")
+            if any(_curvature_series(r, m) for r in records)]
+  plt, fig, axes = _figure(max(1, len(panels)))
+  for a, panel in zip(axes, panels):
+    rows = [(r["step"], _curvature_series(r, panel)) for r in records]
+    rows = [(s, v) for s, v in rows if v]
+    if panel == "eigenvalues":
+      for name in ("lanczos", "power"):
+        points = [(s, v[name]) for s, v in rows if name in v]
+        if not points:
+          continue
+        steps = [s for s, _ in points]
+        values = np.array([np.atleast_1d(v) for _, v in points], dtype=float)
+        for i in range(values.shape[1]):
+          a.plot(steps, values[:, i], marker="." if name == "power" else None,
+                 label=f"{name} {i + 1}" if values.shape[1] > 1 else name)
+      if learning_rate:
+        a.axhline(2 / learning_rate, color="k", linestyle="--",
+                  label=f"2 / lr = {2 / learning_rate:.3g}")
+      a.set(xlabel="training step", ylabel="eigenvalue",
+            title=f"top {matrix} eigenvalues")
+      a.legend(fontsize="small")
+    elif panel == "trace":
+      steps = [s for s, _ in rows]
+      value = np.array([v["estimate"] for _, v in rows], dtype=float)
+      error = np.array([v["stderr"] for _, v in rows], dtype=float)
+      a.errorbar(steps, value, yerr=2 * error, marker=".", capsize=2)
+      a.set(xlabel="training step", ylabel="trace (+- 2 standard errors)",
+            title=f"{matrix} trace")
+    else:
+      for s, v in rows:
+        nodes = np.array(v["nodes"], dtype=float).ravel()
+        weights = np.array(v["weights"], dtype=float).ravel()
+        keep = np.isfinite(nodes) & np.isfinite(weights) & (weights > 0)
+        a.scatter(np.full(keep.sum(), s), nodes[keep],
+                  s=2 + 200 * weights[keep] / max(weights[keep].max(), 1e-30),
+                  alpha=0.3, color="tab:blue")
+      a.set(xlabel="training step", ylabel="eigenvalue (SLQ nodes, size: "
+            "weight)", title=f"{matrix} spectrum")
+  _save(plt, fig, path)
+
+
+def _curvature_series(record, panel):
+  """One line's figures for a panel of :func:`curvature`, or None."""
+  if panel == "eigenvalues":
+    found = {}
+    if "power" in record:
+      found["power"] = record["power"]["eigenvalue"]
+    if "lanczos" in record:
+      found["lanczos"] = record["lanczos"]["eigenvalues"]
+    return found or None
+  return record.get(panel)

@@ -160,11 +160,23 @@ def build_task(config) -> Task:
   return Task(loss, params, np.asarray(x), np.asarray(y))
 
 
-def train(task: Task, config) -> Task:
-  """A few deterministic epochs of Adam, so the Hessian is a trained net's.
+OPTIMIZERS = {"adam": optax.adam, "sgd": optax.sgd}
 
-  Returns the task at its trained parameters (unboxed, on the host) and,
-  for a model with state, with its Hessian loss made from the trained state.
+
+def train(task: Task, config, save: Callable | None = None) -> Task:
+  """A few deterministic epochs of ``config.train``, so the Hessian is a
+  trained net's.
+
+  Args:
+    task: the task at its initialization.
+    config: ``config.train`` gives the steps, batch size, optimizer
+      (``'adam'`` or ``'sgd'``) and learning rate.
+    save: called as ``save(step, params, opt_state)`` before the first step
+      (step 0) and after every step, as a trainer that checkpoints would.
+
+  Returns:
+    The task at its trained parameters (unboxed, on the host) and, for a
+    model with state, with its Hessian loss made from the trained state.
   """
   params = sharding_lib.unbox(task.params)
   steps = config.train.steps
@@ -172,7 +184,11 @@ def train(task: Task, config) -> Task:
     return dataclasses.replace(task, params=params)
   train_loss = task.train_loss or (
       lambda p, s, xb, yb, rng: (task.loss(p, xb, yb), s))
-  tx = optax.adam(config.train.learning_rate)
+  name = config.train.get("optimizer", "adam")
+  if name not in OPTIMIZERS:
+    raise ConfigError(f"config.train.optimizer must be one of "
+                      f"{sorted(OPTIMIZERS)}; got {name!r}.")
+  tx = OPTIMIZERS[name](config.train.learning_rate)
 
   @jax.jit
   def step(params, state, opt_state, x, y, rng):
@@ -187,6 +203,8 @@ def train(task: Task, config) -> Task:
   rng = np.random.default_rng(config.seed)
   n, bs = len(task.y), config.train.batch_size
   order = np.zeros(0, int)
+  if save is not None:
+    save(0, params, opt_state)
   for i in range(steps):
     if len(order) < bs:
       order = np.concatenate([order, rng.permutation(n)])
@@ -194,6 +212,8 @@ def train(task: Task, config) -> Task:
     params, state, opt_state, value = step(params, state, opt_state,
                                            task.x[idx], task.y[idx],
                                            jax.random.fold_in(key, i))
+    if save is not None:
+      save(i + 1, params, opt_state)
   logging.info("Trained %d steps; last batch loss %.4f.", steps, float(value))
   params, state = jax.device_get((params, state))
   loss = task.loss if task.hessian_loss is None else task.hessian_loss(state)

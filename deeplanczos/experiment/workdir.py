@@ -14,7 +14,8 @@ from deeplanczos.experiment.config import ConfigError
 
 LOCK = ".lock"
 # Keys that change how a run looks, not what it computes.
-COSMETIC = ("show_pbar", "checkpoint_every")
+COSMETIC = ("show_pbar", "checkpoint_every", "follow_until", "follow_timeout",
+            "follow_poll", "follow_marker", "follow_learning_rate")
 
 
 def make(workdir: str, lead: bool):
