@@ -26,6 +26,7 @@ setuptools.setup(
         "ml-collections",
         "optax",
         "orbax-checkpoint",
+        "tensorboardX",
         "tqdm",
         "numpy",
         "matplotlib",

@@ -107,14 +107,14 @@ def _meta_digest(meta: dict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _differences(saved, current, prefix=""):
+def differences(saved, current, prefix=""):
   """``['key: saved -> current', ...]`` over two nested dicts."""
   out = []
   for key in sorted(set(saved) | set(current), key=str):
     name = f"{prefix}{key}"
     a, b = saved.get(key, "(absent)"), current.get(key, "(absent)")
     if isinstance(a, dict) and isinstance(b, dict):
-      out += _differences(a, b, name + ".")
+      out += differences(a, b, name + ".")
     elif a != b:
       out.append(f"{name}: {a!r} -> {b!r}")
   return out
@@ -225,7 +225,7 @@ class Checkpointer:
         return
 
   def _refuse_other_run(self, meta):
-    changed = _differences(meta.get("fingerprint", {}), self.fingerprint)
+    changed = differences(meta.get("fingerprint", {}), self.fingerprint)
     if changed:
       raise Mismatch(
           f"The checkpoints in {self._manager.directory} were written by "

@@ -12,7 +12,6 @@ Before reserving a slice, whether the run fits it (compiled here, no TPU):
     --config.dry_run=v5e:8x8 --config.mesh_shape="(16,4)"
 """
 
-import logging as python_logging
 import os
 import socket
 import sys
@@ -26,6 +25,7 @@ from ml_collections import config_flags
 
 from deeplanczos import checkpoint
 from deeplanczos import experiment
+from deeplanczos.experiment import logs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file from configs/ (`path.py:arg` for variants).",
@@ -45,18 +45,6 @@ _LIBRARY_LOGS = flags.DEFINE_bool(
     "Also show other libraries' INFO logs (orbax's per-save lines, jax's "
     "backend probing); their warnings and errors are always shown.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-_OURS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-              for m in (checkpoint, sys.modules[__name__]))
-
-
-class _OwnInfo(python_logging.Filter):
-  """INFO lines from deeplanczos and this launcher; other libraries' warnings."""
-
-  def filter(self, record):
-    return (record.levelno >= python_logging.WARNING or
-            os.path.abspath(record.pathname).startswith(_OURS))
-
 
 def _wait_for_coordinator(address: str, timeout: float):
   """Fails cleanly if nothing listens at ``address`` within ``timeout``.
@@ -113,7 +101,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not _LIBRARY_LOGS.value:
-    logging.get_absl_handler().addFilter(_OwnInfo())
+    logging.get_absl_handler().addFilter(logs.OwnInfo(__file__))
   try:
     config = _CONFIG.value
     config.get("method")  # a file that failed to load raises only when read

@@ -2,7 +2,9 @@
 
 config -> mesh -> task (loss, trained parameters, data) -> grain pipeline ->
 one operator -> the chosen method -> ``result.json`` and a PNG plot in the
-workdir, written by process 0 only.
+workdir, written by process 0 only. With ``config.dry_run`` it compiles and
+reports instead (:func:`dry_run`); with ``config.follow`` it follows a
+training run's checkpoints instead (``follow.follow``).
 """
 
 import math
@@ -23,6 +25,7 @@ from deeplanczos._src import lanczos as lanczos_lib
 from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
 from deeplanczos.experiment import build
+from deeplanczos.experiment import follow as follow_lib
 from deeplanczos.experiment import methods as methods_lib
 from deeplanczos.experiment import tasks as tasks_lib
 from deeplanczos.experiment import workdir as workdir_lib
@@ -54,6 +57,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   """
   if config.get("dry_run"):
     return dry_run(config, workdir)
+  if config.get("follow"):
+    return follow_lib.follow(config, workdir, handle_sigterm)
   start = time.perf_counter()
   lead = jax.process_index() == 0
   with driver.SigtermGuard(handle_sigterm) as sigterm:

@@ -14,8 +14,9 @@ from deeplanczos.experiment.config import ConfigError
 
 LOCK = ".lock"
 # Keys that change how a run looks, not what it computes.
-COSMETIC = ("show_pbar", "checkpoint_every", "follow_until", "follow_timeout",
-            "follow_poll", "follow_marker", "follow_learning_rate")
+COSMETIC = ("show_pbar", "checkpoint_every", "follow_every", "follow_until",
+            "follow_timeout", "follow_poll", "follow_marker",
+            "follow_learning_rate")
 
 
 def make(workdir: str, lead: bool):
