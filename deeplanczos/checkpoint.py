@@ -94,12 +94,18 @@ def _all_checksums(arrays: list):
 
 
 def _checksums(arrays: dict) -> dict:
-  """Every array's checksum: one program per state layout, one host read."""
-  if not arrays:
-    return {}
-  names = sorted(arrays)
-  sums = sharding_lib.host_value(_all_checksums([arrays[n] for n in names]))
-  return {name: row.tolist() for name, row in zip(names, sums)}
+  """Every array's checksum: one program and one host read per set of
+  devices the arrays live on (a state may mix a mesh's arrays with arrays
+  on one device)."""
+  groups = {}
+  for name in sorted(arrays):
+    groups.setdefault(frozenset(arrays[name].sharding.device_set),
+                      []).append(name)
+  out = {}
+  for names in groups.values():
+    sums = sharding_lib.host_value(_all_checksums([arrays[n] for n in names]))
+    out.update({name: row.tolist() for name, row in zip(names, sums)})
+  return out
 
 
 def _meta_digest(meta: dict) -> str:

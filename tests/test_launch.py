@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 import deeplanczos
+from deeplanczos import checkpoint
 from deeplanczos import experiment
 from deeplanczos.experiment import tasks as tasks_lib
 from tests import helpers
@@ -201,7 +203,7 @@ def test_launcher_requires_workdir():
   assert "--workdir" in proc.stderr and "must have a value" in proc.stderr
 
 
-def test_sharpness_tracking(tmp_path):
+def test_sharpness_tracking(tmp_path, monkeypatch):
   config = small_config("cnn_digits_sharpness")
   result = experiment.run(config, str(tmp_path))
   on_disk = check_result(tmp_path, "sharpness")
@@ -216,6 +218,31 @@ def test_sharpness_tracking(tmp_path):
                             tol=1e-5, show_pbar=False).eigenvalues[0]
   assert 0.8 * top < on_disk["sharpness"][0] <= top * (1 + 1e-5)
   assert np.all(np.isfinite(on_disk["sharpness"]))
+  # Stopped by SIGTERM at its third record, then run again: it resumes from
+  # the training state and eigenvector saved at the stop, ending where the
+  # uninterrupted run did.
+  calls, top_eigenvalue = [], deeplanczos.top_eigenvalue
+
+  def sigterm_on_third(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return top_eigenvalue(*args, **kwargs)
+
+  with monkeypatch.context() as mp:
+    mp.setattr(deeplanczos, "top_eigenvalue", sigterm_on_third)
+    with pytest.raises(checkpoint.Preempted) as stop:
+      experiment.run(config, str(tmp_path / "stopped"), handle_sigterm=True)
+  assert stop.value.step == 3
+  calls.clear()
+  with monkeypatch.context() as mp:
+    mp.setattr(deeplanczos, "top_eigenvalue",
+               lambda *a, **k: calls.append(1) or top_eigenvalue(*a, **k))
+    resumed = experiment.run(config, str(tmp_path / "stopped"))
+  assert len(calls) == len(result["steps"]) - 3  # the saved ones not again
+  assert resumed["steps"] == result["steps"]
+  assert resumed["sharpness"] == result["sharpness"]
+  assert resumed["num_hvps"] == result["num_hvps"]
 
 
 def test_saved_eigenvectors_load_onto_another_mesh(tmp_path):

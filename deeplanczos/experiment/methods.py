@@ -8,7 +8,7 @@ its plot in ``plots.py``.
 """
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 import deeplanczos
+from deeplanczos._src import driver
 from deeplanczos.experiment import plots
 from deeplanczos.experiment.config import ConfigError
 
@@ -84,49 +85,87 @@ def trace(op, config, task, **run):
           "headline": f"trace {r.estimate:.6g} +- {r.stderr:.2g}"}
 
 
+class SharpnessState(NamedTuple):
+  """Gradient descent and the top eigenvalues recorded so far.
+
+  Attributes:
+    params, opt_state: the training state after ``step`` steps.
+    v: the last top eigenvector (zeros before the first).
+    step: gradient descent steps taken.
+    steps, sharpness, loss: the steps recorded, their top eigenvalues and
+      dataset losses.
+  """
+  params: Any
+  opt_state: Any
+  v: Any
+  step: int
+  steps: np.ndarray
+  sharpness: np.ndarray
+  loss: np.ndarray
+
+
 def sharpness(op, config, task, *, show_pbar, checkpointer):
   """Trains by full-batch gradient descent and tracks the top eigenvalue.
 
-  Every ``config.sharpness.every`` steps, ``top_eigenvalue`` warm-starts
-  from the previous eigenvector on the operator moved to the new parameters
-  (nothing is compiled again), as edge-of-stability studies do: with step
-  size ``eta``, gradient descent is stable along directions of curvature
-  below ``2 / eta``. Not checkpointed: a stopped run starts again.
+  Every ``config.sharpness.every`` steps (and after the last), the top
+  eigenvalue of ``top_eigenvalue``, warm-started from the previous
+  eigenvector on the operator moved to the new parameters (nothing is
+  compiled again), as edge-of-stability studies do: with step size ``eta``,
+  gradient descent is stable along directions of curvature below
+  ``2 / eta``. Each record is a step of the driver, so the run is
+  checkpointed (training state, eigenvector, history) and resumes where it
+  stopped.
   """
-  del checkpointer
   c = config.sharpness
   tx = optax.sgd(c.learning_rate)
-  params = jax.device_put(jax.device_get(op.params), jax.local_devices()[0])
+  records = list(range(0, c.steps + 1, c.every))
+  if records[-1] != c.steps:
+    records.append(c.steps)
 
   @jax.jit
-  def step(params, opt_state):
-    value, grads = jax.value_and_grad(task.loss)(params, task.x, task.y)
+  def train_step(params, opt_state):
+    grads = jax.grad(task.loss)(params, task.x, task.y)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, value
+    return optax.apply_updates(params, updates), opt_state
 
-  opt_state = tx.init(params)
-  steps, values, losses, v, hvps = [], [], [], None, 0
-  for i in range(c.steps + 1):
-    if i % c.every == 0 or i == c.steps:
-      moved = op.with_params(params)
-      r = deeplanczos.top_eigenvalue(
-          moved, v0=v, num_iterations=c.num_iterations,
-          key=jax.random.key(config.seed))
-      lam, v = r.eigenvalue, r.eigenvector
-      hvps += moved.num_matvecs
-      steps.append(i)
-      values.append(lam)
-      losses.append(moved.loss_value)
-      if show_pbar:
-        logging.info("step %d: loss %.4f, top eigenvalue %.4f (2/lr = %.4f)",
-                     i, moved.loss_value, lam, 2 / c.learning_rate)
-    if i < c.steps:
-      params, opt_state, _ = step(params, opt_state)
-  return {"steps": steps, "sharpness": values, "loss": losses,
-          "threshold": 2 / c.learning_rate, "num_hvps": hvps,
+  def record(op, s: SharpnessState) -> SharpnessState:
+    params, opt_state = s.params, s.opt_state
+    target = records[len(s.steps)]
+    for _ in range(s.step, target):
+      params, opt_state = train_step(params, opt_state)
+    moved = op.with_params(params)
+    r = deeplanczos.top_eigenvalue(
+        moved, v0=s.v if len(s.steps) else None,
+        num_iterations=c.num_iterations, key=jax.random.key(config.seed))
+    op.num_matvecs += moved.num_matvecs  # the driver counts the op's products
+    if show_pbar:
+      logging.info("step %d: loss %.4f, top eigenvalue %.4f (2/lr = %.4f)",
+                   target, moved.loss_value, r.eigenvalue,
+                   2 / c.learning_rate)
+    return SharpnessState(
+        params, opt_state, r.eigenvector, target,
+        np.append(s.steps, target), np.append(s.sharpness, r.eigenvalue),
+        np.append(s.loss, moved.loss_value))
+
+  # Training runs on one device, as the dataset-sized gradient fits there.
+  params = jax.device_put(jax.device_get(op.params), jax.local_devices()[0])
+  state = SharpnessState(params, tx.init(params),
+                         op.check_vector(jax.tree.map(
+                             lambda t: np.zeros(t.shape, t.dtype),
+                             op.template)), 0,
+                         np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+  method = driver.Method(
+      name="sharpness", step=record,
+      done=lambda s: len(s.steps) == len(records),
+      planned_hvps=len(records) * c.num_iterations)
+  run = driver.run(op, method, state, checkpointer=checkpointer,
+                   show_pbar=show_pbar)
+  s = run.state
+  return {"steps": s.steps, "sharpness": s.sharpness, "loss": s.loss,
+          "threshold": 2 / c.learning_rate, "num_hvps": run.num_hvps,
           "learning_rate": c.learning_rate,
-          "headline": (f"top eigenvalue {values[0]:.4g} -> {values[-1]:.4g} "
-                       f"over {c.steps} steps (2/lr = "
+          "headline": (f"top eigenvalue {s.sharpness[0]:.4g} -> "
+                       f"{s.sharpness[-1]:.4g} over {c.steps} steps (2/lr = "
                        f"{2 / c.learning_rate:.4g})")}
 
 
