@@ -178,7 +178,7 @@ def test_a_bar_that_ends_early_ends_at_its_count(capsys, method):
                             show_pbar=True).num_hvps - 2
   assert n < 100
   last = capsys.readouterr().err.strip().split("\r")[-1]
-  assert f"100%" in last and f" {n}/{n} " in last, last
+  assert "100%" in last and f" {n}/{n} " in last, last
 
 
 def test_operator_repr_says_what_it_is():

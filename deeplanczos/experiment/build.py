@@ -60,13 +60,13 @@ def jsonable(x):
 def check_finite_loss(task, config, when):
   n = min(config.batch_size, len(task.y))
   rng = (jax.random.key(0),) if task.takes_rng else ()
-  value = float(task.loss(sharding_lib.unbox(task.params), task.x[:n],
-                          task.y[:n], *rng))
+  # Compiled: op by op, a Transformer's loss costs a compile per primitive.
+  value = float(jax.jit(task.loss)(sharding_lib.unbox(task.params),
+                                   task.x[:n], task.y[:n], *rng))
   if not np.isfinite(value):
     raise ConfigError(f"The loss {when} is {value} on the first batch; the "
                       "Hessian of a non-finite loss means nothing. Check the "
                       "model, the data and config.train.")
-
 
 
 MATRICES = {"hessian": "Hessian", "ggn": "Gauss-Newton matrix",

@@ -41,6 +41,7 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+import tensorboardX
 
 import deeplanczos
 from deeplanczos import checkpoint as checkpoint_lib
@@ -209,7 +210,6 @@ class _Board:
   """TensorBoard scalars (and the density as a histogram), process 0."""
 
   def __init__(self, logdir: str, num_params: int):
-    import tensorboardX  # pylint: disable=g-import-not-at-top
     self.writer = tensorboardX.SummaryWriter(logdir)
     self.num_params = num_params
 
@@ -282,7 +282,8 @@ def follow(config, workdir: str, handle_sigterm: bool = False) -> dict:
       waiting) and raises ``checkpoint.Preempted``; run again to resume.
 
   Returns:
-    The summary that ``result.json`` holds.
+    The summary that ``result.json`` holds (the other processes' lists only
+    this run's steps, not those of curvature.jsonl's earlier runs).
   """
   check(config)
   lead = jax.process_index() == 0
@@ -345,9 +346,9 @@ def _loop(config, workdir, task, mesh, shardings, dataset, methods, watcher,
       state["op"] = state["op"].with_params(params)
     record = _evaluate(config, workdir, task, state, methods, step,
                        fingerprint, handle_sigterm)
+    records.append(record)
     if lead:
       _append(os.path.join(workdir, LOG), record)
-      records.append(record)
       board.write(record)
       plots.curvature(records, os.path.join(workdir, "curvature.png"),
                       matrix=build.MATRICES[config.curvature],
@@ -415,6 +416,8 @@ def _summary(config, workdir, lead, methods, records, state, reason) -> dict:
       "method": "follow", "task": config.task, "methods": methods,
       "directory": config.params.directory, "steps": steps,
       "skipped": state["skipped"], "ended_by": ENDINGS[reason],
+      "mesh": dict(state["op"].mesh.shape) if state["op"] else None,
+      "accumulate": state["op"].kernel.accumulate if state["op"] else None,
       "num_hvps": state["hvps"], "config": config.to_dict()})
   tops = [r["power"]["eigenvalue"] if "power" in r else
           r["lanczos"]["eigenvalues"][0] for r in records

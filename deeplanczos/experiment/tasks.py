@@ -61,7 +61,7 @@ def _cross_entropy(logits, y):
 
 
 def _classifier(model, x, y, config) -> Task:
-  params = model.init(jax.random.key(config.seed), x[:1])
+  params = jax.jit(model.init)(jax.random.key(config.seed), x[:1])
   return Task(lambda p, xb, yb: _cross_entropy(model.apply(p, xb), yb),
               params, x, y, model_fn=model.apply, output_loss=_cross_entropy)
 
