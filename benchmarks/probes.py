@@ -5,7 +5,9 @@ all 1797 digits in 8 batches of 256 kept on the device. Each method runs
 with ``probes_per_call=1`` and with all its probes in one batched pass (a
 ``vmap`` over the probes through the compiled pass); medians of 3 warm runs
 after one that compiles. The estimates agree to rounding (the largest
-difference is printed).
+difference is printed). ``probes_per_call='auto'`` would take the count in
+the last column: as many as half the free memory holds, by the compiler's
+bytes for the batched pass (``deeplanczos.probes_per_call``).
 
   python -m benchmarks.probes
 
@@ -39,22 +41,22 @@ def main():
   batches = [(x[i:i + 256], y[i:i + 256]) for i in range(0, len(y), 256)]
   op = deeplanczos.HessianOperator(loss, params, batches)
   cases = [
-      ("SLQ density, 16 probes x 40 steps", 16,
+      ("SLQ density, 16 probes x 40 steps", 16, {"basis_vectors": 41},
        lambda n: deeplanczos.spectral_density(
            op, num_probes=16, num_steps=40, probes_per_call=n,
            key=jax.random.key(3), show_pbar=False),
        lambda r: r.nodes),
-      ("Hutchinson, 64 probes", 64,
+      ("Hutchinson, 64 probes", 64, {"vectors": 2},
        lambda n: deeplanczos.hutchinson(op, num_probes=64, probes_per_call=n,
                                         show_pbar=False),
        lambda r: r.samples),
-      ("Hutch++, 96 products", 32,
+      ("Hutch++, 96 products", 32, {"vectors": 2},
        lambda n: deeplanczos.hutchpp(op, num_hvps=96, probes_per_call=n,
                                      show_pbar=False),
        lambda r: r.samples),
   ]
   rows = []
-  for name, batched, run, values in cases:
+  for name, batched, state, run, values in cases:
     seconds, results = {}, {}
     for n in (1, batched):
       run(n)  # compiles
@@ -68,10 +70,12 @@ def main():
                             np.asarray(values(results[batched]))))
     rows.append(f"| {name} | {results[1].num_hvps} | {seconds[1]:.3f} | "
                 f"{batched} | {seconds[batched]:.3f} | "
-                f"{seconds[1] / seconds[batched]:.2f}x | {diff:.1e} |")
+                f"{seconds[1] / seconds[batched]:.2f}x | {diff:.1e} | "
+                f"{deeplanczos.probes_per_call(op, batched, **state)} |")
   table = "\n".join([
       "| method | HVPs | one probe at a time, s | probes per call | batched, "
-      "s | speed-up | largest difference |", "|---|---|---|---|---|---|---|",
+      "s | speed-up | largest difference | 'auto' picks |",
+      "|---|---|---|---|---|---|---|---|",
       *rows])
   common.write("probes", "Probes in batched passes (digits MLP)",
                __doc__.split("\n\n")[1] + "\n\n" + table)

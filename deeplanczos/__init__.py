@@ -21,6 +21,7 @@ from deeplanczos._src.lanczos import tridiagonalize
 from deeplanczos._src.operator import HessianOperator
 from deeplanczos._src.plan import Plan
 from deeplanczos._src.plan import plan
+from deeplanczos._src.plan import probes_per_call
 from deeplanczos._src.plan import topology_mesh
 from deeplanczos._src.power import InitPowerMethodVector
 from deeplanczos._src.power import PowerMethodIterate
@@ -65,6 +66,7 @@ __all__ = (
     "path_str",
     "plan",
     "power_iteration",
+    "probes_per_call",
     "restore_params",
     "save_eigenvectors",
     "sharding_from_metadata",

@@ -1,5 +1,7 @@
 """Lanczos, SLQ density and trace estimators against dense answers."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import deeplanczos
 from deeplanczos._src import basis as basis_lib
 from deeplanczos._src import density as density_lib
 from deeplanczos._src import lanczos as lanczos_lib
+from deeplanczos._src import plan as plan_lib
 from tests import helpers
 
 
@@ -427,3 +430,33 @@ def test_slq_in_batched_passes_matches_one_probe_at_a_time(mlp):
                              atol=1e-10)
   # Each probe's nodes lie in the dense spectrum; its largest is the top.
   assert np.nanmax(many.nodes) == pytest.approx(w.max(), rel=1e-9)
+
+
+def test_auto_probes_per_call_takes_what_memory_holds(mlp, monkeypatch):
+  """'auto' fills half the free memory: the compiler's bytes for its count
+  of probes (and their bases) fit, those for one more do not (to 5%)."""
+  loss, params, batches, _, w, _ = mlp
+  op = deeplanczos.HessianOperator(loss, params, batches)
+  steps = len(w)
+  whole = helpers.flat(params).nbytes
+  kept = 3 * plan_lib.shard_bytes(op.template, op.shardings) + (
+      steps + 1) * whole // op.mesh.size
+
+  @functools.cache
+  def need(count):  # what the compiler says ``count`` probes take
+    return op.batched_pass_bytes(count) + count * kept
+
+  for fits in (1, 3, 6):
+    free = 2 * need(fits)
+    monkeypatch.setattr(plan_lib, "free_device_bytes", lambda f=free: f)
+    count = deeplanczos.probes_per_call(op, 10, basis_vectors=steps + 1)
+    assert need(count) <= 1.05 * free / 2 and need(count + 1) > 0.95 * free / 2
+    assert abs(count - fits) <= 1
+  # The methods take 'auto'; the answer is the one-at-a-time one.
+  auto = deeplanczos.spectral_density(op, num_probes=4, num_steps=steps,
+                                      show_pbar=False, probes_per_call="auto")
+  one = deeplanczos.spectral_density(op, num_probes=4, num_steps=steps,
+                                     show_pbar=False)
+  np.testing.assert_allclose(auto.nodes, one.nodes, atol=1e-9)
+  with pytest.raises(ValueError, match="positive integer or 'auto'"):
+    deeplanczos.hutchinson(op, probes_per_call="many")

@@ -18,6 +18,7 @@ import numpy as np
 from deeplanczos._src import api
 from deeplanczos._src import driver
 from deeplanczos._src import lanczos as lanczos_lib
+from deeplanczos._src import plan as plan_lib
 
 
 class DensityResult(NamedTuple):
@@ -102,7 +103,7 @@ def spectral_density(op, *, num_probes: int = 8, num_steps: int = 64,
                      key=None, grid_size: int = 1000,
                      sigma: float | None = None, show_pbar: bool = True,
                      checkpointer=None,
-                     probes_per_call: int = 1) -> DensityResult:
+                     probes_per_call: int | str = 1) -> DensityResult:
   """The Hessian's eigenvalue density by stochastic Lanczos quadrature.
 
   Also callable as ``spectral_density(loss, params, batch_iterable, ...)``
@@ -121,18 +122,21 @@ def spectral_density(op, *, num_probes: int = 8, num_steps: int = 64,
     probes_per_call: run this many probes together: each Lanczos step is
       one batched pass for all of them (``vmap`` over the probes: the data
       is read once and the products share it), with a basis per probe in
-      memory. The nodes and weights are the same to rounding.
+      memory. The nodes and weights are the same to rounding. ``'auto'``
+      takes as many as half the free device memory holds, from the
+      compiled pass's bytes and the bases' (``deeplanczos.probes_per_call``).
 
   Returns:
     A :class:`DensityResult`.
   """
   for name, value in (("num_probes", num_probes), ("num_steps", num_steps),
-                      ("grid_size", grid_size),
-                      ("probes_per_call", probes_per_call)):
+                      ("grid_size", grid_size)):
     if not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value!r}.")
   if sigma is not None and not sigma > 0:
     raise ValueError(f"sigma must be positive, got {sigma!r}.")
+  probes_per_call = plan_lib.resolve_probes_per_call(
+      op, probes_per_call, num_probes, basis_vectors=num_steps + 1)
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           num_probes)
   method = driver.Method(

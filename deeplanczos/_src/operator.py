@@ -482,6 +482,26 @@ class HessianOperator:
       self.account(row, f"{where}, vector {i}")
     return hv
 
+  def batched_pass_bytes(self, count: int) -> int | None:
+    """Bytes per device of one batched pass over ``count`` vectors.
+
+    Read from the compiled program's ``memory_analysis()`` (arguments,
+    outputs and temporaries, aliased bytes once); nothing runs. None when
+    the data is streamed, where products are one pass each.
+    """
+    program = self.pass_program()
+    if program is None:
+      return None
+    pass_fn, data = program
+    vectors = jax.tree.map(
+        lambda t, s: jax.ShapeDtypeStruct((count, *t.shape), t.dtype,
+                                          sharding=s),
+        self.template, sharding_lib.stacked(self.shardings))
+    m = _many.lower(self.params, vectors, data,
+                    pass_fn=pass_fn).compile().memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes +
+               m.temp_size_in_bytes - m.alias_size_in_bytes)
+
   def account(self, stats, where: str = ""):
     """Counts one pass from its ``[count, loss, bad]``; raises if it was bad."""
     count, loss_sum, bad = np.asarray(stats).astype(float)

@@ -10,9 +10,11 @@ per product. Nothing is allocated.
 
 from collections.abc import Callable
 import math
+import os
 import re
 from typing import NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -184,6 +186,69 @@ def shard_bytes(tree, shardings) -> int:
     shape = s.shard_shape(np.shape(a))
     total += math.prod(shape) * jnp.dtype(jnp.result_type(a)).itemsize
   return total
+
+
+def free_device_bytes() -> int:
+  """Bytes one local device has free: its allocator's limit less what is in
+  use on accelerators; on CPU, the host's available memory over its
+  devices."""
+  stats = jax.local_devices()[0].memory_stats()
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  return int(available // jax.local_device_count())
+
+
+def probes_per_call(op, limit: int, *, basis_vectors: int = 0,
+                    vectors: int = 3, fraction: float = 0.5) -> int:
+  """How many probes one batched pass can take, by memory.
+
+  The pass's bytes per device for 1 and 2 vectors come from the compiler
+  (:meth:`HessianOperator.batched_pass_bytes`); each further probe costs
+  their difference plus what a probe keeps between passes (``vectors``
+  vectors on the vectors' shardings and a basis of ``basis_vectors`` split
+  over every device). The count is the most that fit in ``fraction`` of
+  :func:`free_device_bytes`, between 1 and ``limit``; 1 when the data is
+  streamed (products are one pass each).
+
+  Args:
+    op: the operator.
+    limit: at most this many (the probes there are).
+    basis_vectors: vectors of a Krylov basis per probe (SLQ: steps + 1).
+    vectors: other vectors per probe (probe, product, work vector).
+    fraction: the share of the free memory to fill.
+  """
+  one = op.batched_pass_bytes(1)
+  if one is None or limit <= 1:
+    return 1
+  slope = max(op.batched_pass_bytes(2) - one, 0)
+  whole = sum(math.prod(t.shape) * jnp.dtype(t.dtype).itemsize
+              for t in jax.tree.leaves(op.template))
+  kept = (vectors * shard_bytes(op.template, op.shardings) +
+          basis_vectors * whole // op.mesh.size)
+  # P probes take one + (P - 1) * slope + P * kept.
+  budget = fraction * free_device_bytes()
+  fits = (budget - one + slope) // max(slope + kept, 1)
+  return int(np.clip(fits, 1, limit))
+
+
+def resolve_probes_per_call(op, value, limit: int, **state) -> int:
+  """A method's ``probes_per_call``: a positive integer, or ``'auto'`` for
+  :func:`probes_per_call` (``state``: its ``basis_vectors``, ``vectors``).
+
+  Raises:
+    ValueError: anything else.
+  """
+  if isinstance(value, str) and value == "auto":
+    count = probes_per_call(op, limit, **state)
+    logging.info("probes_per_call='auto': %d of %d probes a pass.", count,
+                 limit)
+    return count
+  if not isinstance(value, (int, np.integer)) or isinstance(
+      value, bool) or value < 1:
+    raise ValueError("probes_per_call must be a positive integer or 'auto', "
+                     f"got {value!r}.")
+  return int(value)
 
 
 METHODS = ("power", "lanczos", "density", "trace")

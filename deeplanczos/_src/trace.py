@@ -15,6 +15,7 @@ import numpy as np
 from deeplanczos._src import api
 from deeplanczos._src import basis as basis_lib
 from deeplanczos._src import driver
+from deeplanczos._src import plan as plan_lib
 from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
 
@@ -81,12 +82,6 @@ class HutchinsonState(NamedTuple):
   count: int
 
 
-def _check_per_call(value):
-  if not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"probes_per_call must be a positive integer, got "
-                     f"{value!r}.")
-
-
 def hutchinson_step(op, state: HutchinsonState, keys,
                     per_call: int = 1) -> HutchinsonState:
   """Rademacher probes ``z``: the samples ``z^T H z``, ``E = tr(H)``.
@@ -109,7 +104,8 @@ def _which(name, i, n):
 
 @api.takes_operator
 def hutchinson(op, *, num_probes: int = 30, key=None, show_pbar: bool = True,
-               checkpointer=None, probes_per_call: int = 1) -> TraceResult:
+               checkpointer=None,
+               probes_per_call: int | str = 1) -> TraceResult:
   """Hutchinson's estimate of the Hessian's trace from Rademacher probes.
 
   Also callable as ``hutchinson(loss, params, batch_iterable, ...)`` with
@@ -125,10 +121,13 @@ def hutchinson(op, *, num_probes: int = 30, key=None, show_pbar: bool = True,
       one batched pass (``vmap`` over the probes: the data is read once and
       the products share it); memory grows with it (that many vectors and
       their tangents at once). The samples are the same to rounding.
+      ``'auto'`` takes as many as half the free device memory holds, from
+      the compiled pass's bytes (``deeplanczos.probes_per_call``).
   """
   if not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
     raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}.")
-  _check_per_call(probes_per_call)
+  probes_per_call = plan_lib.resolve_probes_per_call(
+      op, probes_per_call, num_probes, vectors=2)
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           num_probes)
   method = driver.Method(
@@ -207,7 +206,8 @@ def hutchpp_step(op, state: HutchppState, keys, sketch, tiny, per_call=1):
 
 @api.takes_operator
 def hutchpp(op, *, num_hvps: int = 60, key=None, show_pbar: bool = True,
-            checkpointer=None, probes_per_call: int = 1) -> TraceResult:
+            checkpointer=None,
+            probes_per_call: int | str = 1) -> TraceResult:
   """The Hutch++ estimate of the Hessian's trace within ``num_hvps`` HVPs.
 
   Also callable as ``hutchpp(loss, params, batch_iterable, ...)`` with the
@@ -222,11 +222,12 @@ def hutchpp(op, *, num_hvps: int = 60, key=None, show_pbar: bool = True,
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``.
     probes_per_call: with the data on the devices, run up to this many
       products of a phase (sketch vectors, exact terms, probes) as one
-      batched pass, as :func:`hutchinson` does.
+      batched pass, as :func:`hutchinson` does (``'auto'`` too).
   """
-  _check_per_call(probes_per_call)
   if not isinstance(num_hvps, (int, np.integer)) or num_hvps < 3:
     raise ValueError(f"num_hvps must be an integer of at least 3, got {num_hvps!r}.")
+  probes_per_call = plan_lib.resolve_probes_per_call(
+      op, probes_per_call, num_hvps - 2 * (num_hvps // 3), vectors=2)
   sketch = num_hvps // 3
   probes = num_hvps - 2 * sketch
   keys = jax.random.split(jax.random.key(0) if key is None else key,

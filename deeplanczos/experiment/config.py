@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.curvature = "hessian"
   c.lanczos = ml_collections.ConfigDict(
       {"k": 5, "which": "LA", "ncv": 0, "tol": 1e-6, "max_hvps": 300})
+  # probes_per_call: probes in one batched pass (0: as many as memory holds).
   c.density = ml_collections.ConfigDict(
       {"num_probes": 4, "num_steps": 40, "grid_size": 1000, "sigma": 0.0,
        "probes_per_call": 1})

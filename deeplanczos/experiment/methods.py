@@ -60,7 +60,7 @@ def density(op, config, task, **run):
   r = deeplanczos.spectral_density(
       op, num_probes=c.num_probes, num_steps=c.num_steps,
       key=jax.random.key(config.seed), grid_size=c.grid_size,
-      sigma=c.sigma or None, probes_per_call=c.get("probes_per_call", 1),
+      sigma=c.sigma or None, probes_per_call=c.probes_per_call or "auto",
       **run)
   return {"grid": r.grid, "density": r.density, "nodes": r.nodes,
           "weights": r.weights, "sigma": r.sigma, "num_hvps": r.num_hvps,

@@ -93,7 +93,7 @@ def _plan_options(config) -> dict:
     return {"method": "lanczos", "ncv": ncv}
   if config.method == "density":
     return {"method": "density", "ncv": config.density.num_steps,
-            "num_probes": config.density.get("probes_per_call", 1)}
+            "num_probes": config.density.probes_per_call or 1}
   if config.method == "trace":
     return {"method": "trace"}
   return {"method": "power"}
