@@ -12,10 +12,13 @@ Run the two side by side (the follower waits for the trainer's steps):
   python launch/train.py --config=configs/cnn_digits_follow.py --workdir=/tmp/trainer &
   python launch/main.py --config=configs/cnn_digits_follow.py --workdir=/tmp/follower
 
-The follower logs one line per step, `Step 300: top eigenvalue ...; trace
-...`, and ends with `Followed /tmp/trainer/checkpoints: 31 steps done
-(0..300), 0 skipped; ended: the trainer's marker is there and every step is
-done. Top eigenvalue ... -> ...`. It writes curvature.jsonl (a line per step),
+The trainer takes 20 s; the follower logs a line per step (4 s each on 2
+idle CPU cores, 22 s for the first), `Step 300: top eigenvalue 27.753; trace
+154.793 +- 6.7 (4.6 s).`, and ends with `Followed
+/tmp/trainer/checkpoints: 31 steps done (0..300), 0 skipped; ended: the
+trainer's marker is there and every step is done. Top eigenvalue 1.04453 ->
+27.753.` The top eigenvalue crosses 2/lr = 20 between steps 100 and 110 and
+stays above it. It writes curvature.jsonl (a line per step),
 curvature.png (the top eigenvalue against the step with the 2/lr line, and
 the trace), tensorboard/ and result.json. A quick variant:
 --config=configs/cnn_digits_follow.py:small (both commands).
