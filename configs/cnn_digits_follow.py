@@ -13,8 +13,8 @@ Run the two side by side (the follower waits for the trainer's steps):
   python launch/main.py --config=configs/cnn_digits_follow.py --workdir=/tmp/follower
 
 The trainer takes 20 s; the follower logs a line per step (4 s each on 2
-idle CPU cores, 22 s for the first), `Step 300: top eigenvalue 27.753; trace
-154.793 +- 6.7 (4.6 s).`, and ends with `Followed
+idle CPU cores, 20 s for the first; 2 min 37 s in all), `Step 300: top
+eigenvalue 27.753; trace 154.793 +- 6.7 (4.6 s).`, and ends with `Followed
 /tmp/trainer/checkpoints: 31 steps done (0..300), 0 skipped; ended: the
 trainer's marker is there and every step is done. Top eigenvalue 1.04453 ->
 27.753.` The top eigenvalue crosses 2/lr = 20 between steps 100 and 110 and
