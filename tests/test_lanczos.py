@@ -347,9 +347,19 @@ def test_tol_zero_is_the_working_precision_and_counts_add_up():
   assert np.all(r.residuals <= 10 * np.finfo(np.float64).eps * spectrum[-1])
   assert r.residual_hvps == 3 and r.num_hvps == r.krylov_hvps + 3
   assert r.krylov_hvps == len(r.ritz_history)
+  # Without the checks: the same Krylov space, k products fewer, the
+  # recurrence's estimates as residuals, and the same pairs.
+  estimated = deeplanczos.lanczos(loss, params, [(x, y)], 3, tol=0,
+                                  show_pbar=False, check_residuals=False)
+  assert estimated.krylov_hvps == estimated.num_hvps == r.krylov_hvps
+  assert estimated.residual_hvps == 0 and estimated.converged
+  np.testing.assert_array_equal(estimated.residuals, r.residual_estimates)
+  np.testing.assert_array_equal(estimated.eigenvalues, r.eigenvalues)
+  vs = np.stack([helpers.flat(v) for v in unstack(estimated.eigenvectors, 3)])
+  np.testing.assert_allclose(np.linalg.norm(h @ vs.T - vs.T * spectrum[::-1][:3],
+                                            axis=0), 0, atol=1e-11)
   with pytest.raises(ValueError, match="tol must be a non-negative number"):
     deeplanczos.lanczos(loss, params, [(x, y)], 3, tol=-1.0)
-  del h
 
 
 @pytest.mark.parametrize("steps_per_call", [3, 8])

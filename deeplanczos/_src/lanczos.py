@@ -57,7 +57,8 @@ class LanczosResult(NamedTuple):
       ``p``; ``jax.tree.map(lambda x: x[i], eigenvectors)`` is the ``i``-th
       unit eigenvector, with the parameters' shardings.
     residuals: ``(p,)``, ``||H v_i - lambda_i v_i||`` of each returned pair,
-      computed explicitly (``p`` more products) in the working precision.
+      computed explicitly (``p`` more products) in the working precision;
+      with ``check_residuals=False``, the recurrence's estimates.
     residual_estimates: ``(p,)``, the same from the recurrence
       (``|beta s_{m,i}|``), which the stopping rule uses; it can fall below
       what the working precision attains, so ``converged`` trusts
@@ -65,7 +66,7 @@ class LanczosResult(NamedTuple):
     num_hvps: Hessian-vector products used, each one full pass over the
       data: ``krylov_hvps + residual_hvps``.
     converged: whether ``k`` pairs were found and every explicit residual
-      meets ``tol``: ``residual_i <= max(tol |lambda_i|, 10 eps
+      (or estimate, with ``check_residuals=False``) meets ``tol``: ``residual_i <= max(tol |lambda_i|, 10 eps
       |lambda|_max)``, the second term the working precision's floor
       (``eps`` of the vectors' dtype). Otherwise a
       :class:`ConvergenceWarning` names the pairs that do not.
@@ -76,7 +77,7 @@ class LanczosResult(NamedTuple):
     loss: the dataset loss at the parameters.
     krylov_hvps: the products that built the Krylov space (the steps).
     residual_hvps: the products that checked the residuals explicitly, one
-      per returned pair.
+      per returned pair (0 with ``check_residuals=False``).
   """
   eigenvalues: np.ndarray
   eigenvectors: Any
@@ -139,6 +140,7 @@ class _Options(NamedTuple):
   size: int      # m, the basis slots
   dimension: int  # n, the operator's
   tiny: float    # below tiny * ||T|| a vector is rounding noise
+  check_residuals: bool = True  # one product per pair at the end
 
 
 def ritz(t, j, beta, start=0):
@@ -435,7 +437,7 @@ def result(op, state: LanczosState, run: driver.Run,
   """Ritz pairs of the last ``T``, each checked with one more product.
 
   ``converged`` comes from those explicit residuals, not from the
-  recurrence's estimates.
+  recurrence's estimates (unless ``opts.check_residuals`` is off).
   """
   theta, s, res = ritz(state.t, state.j, state.beta)
   wanted = order(theta, opts.which)[:opts.k]
@@ -446,11 +448,14 @@ def result(op, state: LanczosState, run: driver.Run,
                                                jnp.asarray(y, dtype)),
                              sharding_lib.stacked(op.shardings))
   lam = theta[wanted]
-  residuals = np.array([
-      float(sharding_lib.host_value(_residual(
-          op.matvec(basis_lib.get(vectors, i), where=f"for eigenpair {i}"),
-          basis_lib.get(vectors, i), lam[i])))
-      for i in range(len(lam))])
+  if opts.check_residuals:
+    residuals = np.array([
+        float(sharding_lib.host_value(_residual(
+            op.matvec(basis_lib.get(vectors, i), where=f"for eigenpair {i}"),
+            basis_lib.get(vectors, i), lam[i])))
+        for i in range(len(lam))])
+  else:
+    residuals = res[wanted]
   ok = meets_tol(lam, residuals, opts.tol, dtype)
   converged = len(lam) == opts.k and bool(np.all(ok))
   if not converged:
@@ -460,10 +465,12 @@ def result(op, state: LanczosState, run: driver.Run,
             ", max_hvps reached" if run.stopped_by == "max_hvps" else ""))
   return LanczosResult(
       eigenvalues=lam, eigenvectors=vectors, residuals=residuals,
-      residual_estimates=res[wanted], num_hvps=run.num_hvps + len(lam),
+      residual_estimates=res[wanted],
+      num_hvps=run.num_hvps + len(lam) * opts.check_residuals,
       converged=converged, ritz_history=state.ritz[:state.num_steps],
       gap_ratio=float(lam[0] / lam[1]) if len(lam) > 1 and lam[1] else np.inf,
-      loss=op.loss_value, krylov_hvps=run.num_hvps, residual_hvps=len(lam))
+      loss=op.loss_value, krylov_hvps=run.num_hvps,
+      residual_hvps=len(lam) * opts.check_residuals)
 
 
 def default_ncv(k: int) -> int:
@@ -476,7 +483,7 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
             key=None, ncv: int | None = None, tol: float = 1e-6,
             max_hvps: int = 1000, v0=None, show_pbar: bool = True,
             checkpointer=None, steps_per_call: int | None = None,
-            basis_dtype=None) -> LanczosResult:
+            basis_dtype=None, check_residuals: bool = True) -> LanczosResult:
   """``k`` eigenpairs of the Hessian of the dataset loss, by Lanczos.
 
   Also callable as ``lanczos(loss, params, batch_iterable, k, ...)`` with
@@ -517,6 +524,11 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
       at least float32 (products are taken in the parameters' dtypes; the
       scalars of ``T`` are float32 or wider). ``jnp.bfloat16`` halves the
       basis's memory for bfloat16 parameters and loses orthogonality.
+    check_residuals: take one more product per pair to check its residual
+      (the default, and what ``converged`` then rests on). False trusts the
+      recurrence's estimates instead, as scipy's ``eigsh`` (ARPACK) does,
+      saving ``k`` products; the estimates can fall below what the working
+      precision attains.
 
   Returns:
     A :class:`LanczosResult`; its eigenvectors are in the basis's dtype.
@@ -542,7 +554,8 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
   eps = float(jnp.finfo(tree_math.accumulation_dtype(dtype) if basis_dtype
                         is None else basis_dtype).eps)
   opts = _Options(k=k, which=which, tol=max(tol, eps), size=min(ncv, n),
-                  dimension=n, tiny=100 * eps)
+                  dimension=n, tiny=100 * eps,
+                  check_residuals=bool(check_residuals))
   if steps_per_call is not None and (
       not isinstance(steps_per_call, (int, np.integer)) or steps_per_call < 1):
     raise ValueError("steps_per_call must be a positive integer or None; got "
