@@ -10,6 +10,7 @@ import deeplanczos
 from deeplanczos._src import basis as basis_lib
 from deeplanczos._src import density as density_lib
 from deeplanczos._src import lanczos as lanczos_lib
+from deeplanczos._src import operator as operator_lib
 from deeplanczos._src import plan as plan_lib
 from tests import helpers
 
@@ -470,3 +471,7 @@ def test_auto_probes_per_call_takes_what_memory_holds(mlp, monkeypatch):
   np.testing.assert_allclose(auto.nodes, one.nodes, atol=1e-9)
   with pytest.raises(ValueError, match="positive integer or 'auto'"):
     deeplanczos.hutchinson(op, probes_per_call="many")
+  # Moved to other parameters, the operator compiles no pass to size again.
+  moved = op.with_params(params)
+  monkeypatch.setattr(operator_lib, "_many", None)
+  assert moved.batched_pass_bytes(2) == op.batched_pass_bytes(2)

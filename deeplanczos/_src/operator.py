@@ -253,6 +253,9 @@ class HessianOperator:
     treedef = jax.tree.structure(self.params)
     self._auto_accumulate = accumulate is None
     self._probed = None, None  # (batch spec, loss output) checked per device
+    # batched_pass_bytes by count: compiled once, shared with with_params's
+    # copies (the bytes do not depend on the parameters' values).
+    self._pass_bytes = {}
     if accumulate is None:
       accumulate = hvp_lib.choose_accumulate(self.shardings, self.mesh,
                                              data_axis)
@@ -486,12 +489,15 @@ class HessianOperator:
     """Bytes per device of one batched pass over ``count`` vectors.
 
     Read from the compiled program's ``memory_analysis()`` (arguments,
-    outputs and temporaries, aliased bytes once); nothing runs. None when
-    the data is streamed, where products are one pass each.
+    outputs and temporaries, aliased bytes once), compiled once per count;
+    nothing runs. None when the data is streamed, where products are one
+    pass each.
     """
     program = self.pass_program()
     if program is None:
       return None
+    if count in self._pass_bytes:
+      return self._pass_bytes[count]
     pass_fn, data = program
     vectors = jax.tree.map(
         lambda t, s: jax.ShapeDtypeStruct((count, *t.shape), t.dtype,
@@ -499,8 +505,10 @@ class HessianOperator:
         self.template, sharding_lib.stacked(self.shardings))
     m = _many.lower(self.params, vectors, data,
                     pass_fn=pass_fn).compile().memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes +
-               m.temp_size_in_bytes - m.alias_size_in_bytes)
+    self._pass_bytes[count] = int(
+        m.argument_size_in_bytes + m.output_size_in_bytes +
+        m.temp_size_in_bytes - m.alias_size_in_bytes)
+    return self._pass_bytes[count]
 
   def account(self, stats, where: str = ""):
     """Counts one pass from its ``[count, loss, bad]``; raises if it was bad."""
