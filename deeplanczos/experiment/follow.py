@@ -286,111 +286,152 @@ def follow(config, workdir: str, handle_sigterm: bool = False) -> dict:
     this run's steps, not those of curvature.jsonl's earlier runs).
   """
   check(config)
-  lead = jax.process_index() == 0
-  methods = follow_methods(config)
   with driver.SigtermGuard(handle_sigterm) as sigterm:
     mesh, task, shardings, dataset = build.prepare(config)
+    lead = jax.process_index() == 0
     workdir_lib.make(workdir, lead)
     with workdir_lib.Lock(workdir, lead):
-      fingerprint = build.jsonable(
-          workdir_lib.fingerprint(config, task.params, mesh))
-      log_path = os.path.join(workdir, LOG)
-      records = read_log(log_path) if lead else []
-      if lead:
-        _check_same_run(workdir, fingerprint, bool(records))
-      watcher = _Watcher(config, [r["step"] for r in records])
-      like = build.restore_target(task, shardings)
-      board = (_Board(os.path.join(workdir, "tensorboard"),
-                      sum(math.prod(l.shape) for l in jax.tree.leaves(like)))
-               if lead else None)
-      state = {"op": None, "warm": {}, "skipped": [], "hvps": 0}
+      follower = _Follower(config, workdir, task, (mesh, shardings, dataset),
+                           sigterm, handle_sigterm)
       try:
-        reason = _loop(config, workdir, task, mesh, shardings, dataset,
-                       methods, watcher, like, fingerprint, records, board,
-                       state, sigterm, handle_sigterm)
+        reason = follower.loop()
       finally:
-        if board is not None:
-          board.close()
-  return _summary(config, workdir, lead, methods, records, state, reason)
+        follower.close()
+  return follower.summary(reason)
 
 
-def _loop(config, workdir, task, mesh, shardings, dataset, methods, watcher,
-          like, fingerprint, records, board, state, sigterm, handle_sigterm):
-  """Steps until the end; returns the reason's key in :data:`ENDINGS`."""
-  lead = jax.process_index() == 0
-  logging.info("Following %s: %s at every step%s.", config.params.directory,
-               ", ".join(methods),
-               f" (resuming after step {watcher.last})" if records else "")
-  while True:
-    if sigterm.anywhere():
-      raise checkpoint_lib.Preempted(None, "while waiting for a step")
-    kind, value = _broadcast(watcher.decide() if lead else (0, 0))
-    if kind == _END:
-      return value
-    if kind == _WAIT:
-      deadline = time.monotonic() + config.follow_poll
-      while time.monotonic() < deadline and not sigterm.received:
-        time.sleep(min(0.1, config.follow_poll))
-      continue
-    step = value
-    params = _restore(config, like, step)
-    if params is None:
-      watcher.skipped.add(step)
-      state["skipped"].append(step)
-      continue
-    if state["op"] is None:
-      state["op"] = build.operator(
-          config, dataclasses.replace(task, params=params), mesh, shardings,
-          dataset)
+class _Follower:
+  """One follow job's state: the operator, warm starts, lines, counts."""
+
+  def __init__(self, config, workdir, task, placement, sigterm,
+               handle_sigterm):
+    self.config, self.workdir, self.task = config, workdir, task
+    self.mesh, self.shardings, self.dataset = placement
+    self.sigterm, self.handle_sigterm = sigterm, handle_sigterm
+    self.lead = jax.process_index() == 0
+    self.methods = follow_methods(config)
+    self.fingerprint = build.jsonable(
+        workdir_lib.fingerprint(config, task.params, self.mesh))
+    self.records = read_log(os.path.join(workdir, LOG)) if self.lead else []
+    if self.lead:
+      _check_same_run(workdir, self.fingerprint, bool(self.records))
+    self.watcher = _Watcher(config, [r["step"] for r in self.records])
+    self.like = build.restore_target(task, self.shardings)
+    self.board = (_Board(os.path.join(workdir, "tensorboard"),
+                         sum(math.prod(l.shape)
+                             for l in jax.tree.leaves(self.like)))
+                  if self.lead else None)
+    self.op, self.warm, self.skipped, self.hvps = None, {}, [], 0
+
+  def close(self):
+    if self.board is not None:
+      self.board.close()
+
+  def loop(self) -> int:
+    """Steps until the end; returns the reason's key in :data:`ENDINGS`."""
+    c = self.config
+    logging.info("Following %s: %s at every step%s.", c.params.directory,
+                 ", ".join(self.methods),
+                 f" (resuming after step {self.watcher.last})"
+                 if self.records else "")
+    while True:
+      if self.sigterm.anywhere():
+        raise checkpoint_lib.Preempted(None, "while waiting for a step")
+      kind, value = _broadcast(self.watcher.decide() if self.lead else (0, 0))
+      if kind == _END:
+        return value
+      if kind == _WAIT:
+        deadline = time.monotonic() + c.follow_poll
+        while time.monotonic() < deadline and not self.sigterm.received:
+          time.sleep(min(0.1, c.follow_poll))
+        continue
+      params = _restore(c, self.like, value)
+      if params is None:
+        self.watcher.skipped.add(value)
+        self.skipped.append(value)
+        continue
+      self._step(value, params)
+
+  def _step(self, step, params):
+    """One step: the operator moved there, every method, the outputs."""
+    if self.op is None:
+      self.op = build.operator(
+          self.config, dataclasses.replace(self.task, params=params),
+          self.mesh, self.shardings, self.dataset)
     else:
-      state["op"] = state["op"].with_params(params)
-    record = _evaluate(config, workdir, task, state, methods, step,
-                       fingerprint, handle_sigterm)
-    records.append(record)
-    if lead:
-      _append(os.path.join(workdir, LOG), record)
-      board.write(record)
-      plots.curvature(records, os.path.join(workdir, "curvature.png"),
-                      matrix=build.MATRICES[config.curvature],
-                      learning_rate=config.follow_learning_rate)
-      shutil.rmtree(os.path.join(workdir, "checkpoints", "follow"),
+      self.op = self.op.with_params(params)
+    record = self._evaluate(step)
+    self.records.append(record)
+    if self.lead:
+      _append(os.path.join(self.workdir, LOG), record)
+      self.board.write(record)
+      plots.curvature(self.records,
+                      os.path.join(self.workdir, "curvature.png"),
+                      matrix=build.MATRICES[self.config.curvature],
+                      learning_rate=self.config.follow_learning_rate)
+      shutil.rmtree(os.path.join(self.workdir, "checkpoints", "follow"),
                     ignore_errors=True)
       logging.info("Step %d: %s (%.1f s).", step, _line(record),
                    record["seconds"])
-    watcher.done.add(step)
-    watcher.last = step
+    self.watcher.done.add(step)
+    self.watcher.last = step
 
+  def _evaluate(self, step) -> dict:
+    """Every method at one step: a line of curvature.jsonl."""
+    tick = time.perf_counter()
+    record = {"step": step}
+    for name in self.methods:
+      checkpointer = checkpoint_lib.Checkpointer(
+          os.path.join(self.workdir, "checkpoints", "follow", f"step_{step}",
+                       name),
+          every=self.config.checkpoint_every,
+          handle_sigterm=self.handle_sigterm,
+          fingerprint={**self.fingerprint, "step": step, "method": name})
+      start = time.perf_counter()
+      warm = ({"v0": self.warm.get(name)} if name in ("power", "lanczos")
+              else {})
+      try:
+        r = methods_lib.METHODS[name].run(
+            self.op, self.config, self.task, show_pbar=False,
+            checkpointer=checkpointer, **warm)
+      except checkpoint_lib.Mismatch as e:
+        raise ConfigError(str(e)) from e
+      finally:
+        checkpointer.close()
+      if "eigenpairs" in r:
+        self.warm[name] = jax.tree.map(lambda a: a.sum(0), r["eigenpairs"][1])
+      self.hvps += r["num_hvps"]
+      record[name] = {**_figures(name, r),
+                      "seconds": time.perf_counter() - start}
+    record["loss"] = self.op.loss_value
+    record["seconds"] = time.perf_counter() - tick
+    return build.jsonable(record)
 
-def _evaluate(config, workdir, task, state, methods, step, fingerprint,
-              handle_sigterm) -> dict:
-  """Every method at one step: a line of curvature.jsonl."""
-  op, tick = state["op"], time.perf_counter()
-  record = {"step": step}
-  for name in methods:
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints", "follow", f"step_{step}", name),
-        every=config.checkpoint_every, handle_sigterm=handle_sigterm,
-        fingerprint={**fingerprint, "step": step, "method": name})
-    start = time.perf_counter()
-    warm = {"v0": state["warm"].get(name)} if name in ("power",
-                                                       "lanczos") else {}
-    try:
-      r = methods_lib.METHODS[name].run(
-          op, config, task, show_pbar=False, checkpointer=checkpointer,
-          **warm)
-    except checkpoint_lib.Mismatch as e:
-      raise ConfigError(str(e)) from e
-    finally:
-      checkpointer.close()
-    if "eigenpairs" in r:
-      state["warm"][name] = jax.tree.map(lambda a: a.sum(0),
-                                         r["eigenpairs"][1])
-    state["hvps"] += r["num_hvps"]
-    record[name] = {**_figures(name, r),
-                    "seconds": time.perf_counter() - start}
-  record["loss"] = op.loss_value
-  record["seconds"] = time.perf_counter() - tick
-  return build.jsonable(record)
+  def summary(self, reason) -> dict:
+    """The job's summary: logged and written to result.json (process 0)."""
+    c, op = self.config, self.op
+    steps = [r["step"] for r in self.records]
+    result = build.jsonable({
+        "method": "follow", "task": c.task, "methods": self.methods,
+        "directory": c.params.directory, "steps": steps,
+        "skipped": self.skipped, "ended_by": ENDINGS[reason],
+        "mesh": dict(op.mesh.shape) if op else None,
+        "accumulate": op.kernel.accumulate if op else None,
+        "num_hvps": self.hvps, "config": c.to_dict()})
+    tops = [r["power"]["eigenvalue"] if "power" in r else
+            r["lanczos"]["eigenvalues"][0] for r in self.records
+            if "power" in r or "lanczos" in r]
+    if self.lead:
+      files.write_json(os.path.join(self.workdir, "result.json"), result,
+                       indent=2)
+      logging.info(
+          "Followed %s: %d steps done%s, %d skipped; ended: %s.%s Results in "
+          "%s.", c.params.directory, len(steps),
+          f" ({steps[0]}..{steps[-1]})" if steps else "", len(self.skipped),
+          ENDINGS[reason],
+          f" Top eigenvalue {tops[0]:.6g} -> {tops[-1]:.6g}." if tops else "",
+          self.workdir)
+    return result
 
 
 def _line(record: dict) -> str:
@@ -408,27 +449,3 @@ def _line(record: dict) -> str:
     parts.append(f"spectrum in [{np.nanmin(nodes):.4g}, "
                  f"{np.nanmax(nodes):.4g}]")
   return "; ".join(parts)
-
-
-def _summary(config, workdir, lead, methods, records, state, reason) -> dict:
-  steps = [r["step"] for r in records]
-  result = build.jsonable({
-      "method": "follow", "task": config.task, "methods": methods,
-      "directory": config.params.directory, "steps": steps,
-      "skipped": state["skipped"], "ended_by": ENDINGS[reason],
-      "mesh": dict(state["op"].mesh.shape) if state["op"] else None,
-      "accumulate": state["op"].kernel.accumulate if state["op"] else None,
-      "num_hvps": state["hvps"], "config": config.to_dict()})
-  tops = [r["power"]["eigenvalue"] if "power" in r else
-          r["lanczos"]["eigenvalues"][0] for r in records
-          if "power" in r or "lanczos" in r]
-  if lead:
-    files.write_json(os.path.join(workdir, "result.json"), result, indent=2)
-    logging.info(
-        "Followed %s: %d steps done%s, %d skipped; ended: %s.%s Results in "
-        "%s.", config.params.directory, len(steps),
-        f" ({steps[0]}..{steps[-1]})" if steps else "", len(state["skipped"]),
-        ENDINGS[reason],
-        f" Top eigenvalue {tops[0]:.6g} -> {tops[-1]:.6g}." if tops else "",
-        workdir)
-  return result
