@@ -202,14 +202,17 @@ def test_compiled_once_however_many_steps(mlp):
       traces.append(x.shape)
       return base(p, x, y)
 
-    before = basis_lib.orthogonalize._cache_size()  # pylint: disable=protected-access
+    programs = (basis_lib.orthogonalize, lanczos_lib._steps)  # pylint: disable=protected-access
+    before = [p._cache_size() for p in programs]  # pylint: disable=protected-access
     deeplanczos.lanczos(loss, params, batches, 3, ncv=7, tol=1e-14,
                         max_hvps=max_hvps, show_pbar=False)
-    counts.append((len(traces),
-                   basis_lib.orthogonalize._cache_size() - before))  # pylint: disable=protected-access
-  # 40 products, with restarts, trace no more than 8 did.
+    counts.append((len(traces), *[p._cache_size() - b  # pylint: disable=protected-access
+                                  for p, b in zip(programs, before)]))
+  # 40 products, with restarts, trace and compile no more than 8 did (each
+  # run's loss is new): the blocks of steps are one program for every
+  # length.
   assert counts[1][0] == counts[0][0] == 4
-  assert counts[1][1] == 0
+  assert counts[1][1] == 0 and counts[1][2] == counts[0][2] > 0
 
 
 def test_bad_arguments(mlp):
@@ -363,23 +366,61 @@ def test_tol_zero_is_the_working_precision_and_counts_add_up():
     deeplanczos.lanczos(loss, params, [(x, y)], 3, tol=-1.0)
 
 
-@pytest.mark.parametrize("steps_per_call", [3, 8])
-def test_steps_in_compiled_blocks_match_step_by_step(mlp, steps_per_call):
+@pytest.mark.parametrize("which,steps_per_call", [
+    ("LA", None), ("LA", 1), ("LA", 3), ("SA", 8), ("LM", None)])
+def test_steps_in_compiled_blocks_match_step_by_step(mlp, which,
+                                                     steps_per_call):
   loss, params, batches, h, w, u = mlp
+  # Streamed data runs one step at a time, deciding on the host after each.
   one = deeplanczos.lanczos(loss, params, batches, 4, ncv=9, tol=1e-10,
-                            max_hvps=400, show_pbar=False)
-  r = deeplanczos.lanczos(loss, params, batches, 4, ncv=9, tol=1e-10,
-                          max_hvps=400, show_pbar=False,
-                          steps_per_call=steps_per_call)
-  assert r.converged
-  np.testing.assert_allclose(r.eigenvalues, w[::-1][:4], rtol=1e-9)
+                            which=which, max_hvps=400, show_pbar=False,
+                            data_on_device=False)
+  op = deeplanczos.HessianOperator(loss, params, batches)
+  r = deeplanczos.lanczos(op, 4, ncv=9, tol=1e-10, which=which, max_hvps=400,
+                          show_pbar=False, steps_per_call=steps_per_call)
+  assert op.data_on_device and r.converged
+  idx = lanczos_lib.order(w, which)[:4]
+  np.testing.assert_allclose(r.eigenvalues, w[idx], rtol=1e-9)
   np.testing.assert_allclose(r.eigenvalues, one.eigenvalues, rtol=1e-12)
   for i, v in enumerate(unstack(r.eigenvectors, 4)):
     assert np.linalg.norm(h @ v - r.eigenvalues[i] * v) <= 1e-9 * w[-1]
-  # The steps after the converged one are discarded, but counted.
-  assert one.krylov_hvps <= r.krylov_hvps < one.krylov_hvps + steps_per_call
-  assert len(r.ritz_history) == len(one.ritz_history)
+  # The blocks stop themselves at the step that converged: the same
+  # products, restarts and Ritz values as step by step.
+  assert r.krylov_hvps == one.krylov_hvps
+  np.testing.assert_allclose(r.ritz_history, one.ritz_history, rtol=1e-9)
   del u
+
+
+def test_convolutions_on_cpu_run_a_step_per_program():
+  """XLA:CPU runs loop bodies without its fast convolutions, so a model with
+  one takes single-step programs; the answer is the dense one either way."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(24, 6, 6, 1))
+  y = rng.normal(size=(24,))
+  params = {"w": rng.normal(size=(3, 3, 1, 2)) / 3, "v": rng.normal(size=2)}
+
+  def loss(p, x, y):
+    z = jax.lax.conv_general_dilated(x, p["w"], (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.numpy.mean((jax.numpy.tanh(z).mean((1, 2)) @ p["v"] - y) ** 2)
+  batches = helpers.batches_of(x, y, [8, 8, 8])
+  h, _ = helpers.dense_hessian(loss, params, x, y)
+  w = np.linalg.eigvalsh(h)
+  op = deeplanczos.HessianOperator(loss, params, batches)
+  before = lanczos_lib._steps._cache_size()  # pylint: disable=protected-access
+  r = deeplanczos.lanczos(op, 3, tol=1e-10, show_pbar=False)
+  assert op.data_on_device and not op.loops_run_fast()
+  np.testing.assert_allclose(r.eigenvalues, w[::-1][:3], rtol=1e-9)
+  assert r.krylov_hvps == deeplanczos.lanczos(
+      loss, params, batches, 3, tol=1e-10, show_pbar=False,
+      data_on_device=False).krylov_hvps
+  assert lanczos_lib._steps._cache_size() > before  # pylint: disable=protected-access
+  dense = deeplanczos.HessianOperator(*helpers.mlp_problem()[:2],
+                                      [helpers.mlp_problem()[2:]])
+  assert dense.loops_run_fast()
+  streamed = deeplanczos.HessianOperator(loss, params, batches,
+                                         data_on_device=False)
+  assert not streamed.loops_run_fast()
 
 
 def test_blocks_through_breakdown_and_repeated_eigenvalues():

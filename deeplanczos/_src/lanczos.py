@@ -20,10 +20,12 @@ on the host.
 """
 
 import functools
+import time
 from typing import Any, NamedTuple
 import warnings
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -228,89 +230,159 @@ def record(state: LanczosState, c, beta, opts: _Options) -> LanczosState:
   return state._replace(converged=bool(converged))
 
 
-@functools.partial(jax.jit, static_argnames=("pass_fn", "n"),
-                   donate_argnums=(1,))
-def _steps(params, basis, data, j, count, *, pass_fn, n):
-  """Up to ``n`` Lanczos steps from slot ``j`` in one program.
+def _test(t, a, beta, opts: _Options):
+  """:func:`record`'s tests on the device, for ``T[:a, :a]`` (``t``
+  square, ``a`` traced).
 
-  Step ``i < count`` computes ``w = H q_{j+i}`` (one full pass), orthogonalizes
-  it against slots ``0..j+i`` and places ``q_{j+i+1} = w / beta``, as
-  :func:`expand` and :func:`advance` would without a breakdown or a restart;
-  the host decides those from ``T`` afterwards and discards the steps after
-  one. It stops early at a non-finite product.
+  The rows and columns from ``a`` on are replaced by a diagonal that
+  ``which`` does not want (below or above every Ritz value, or zero), so one
+  ``eigh`` of the fixed shape holds ``T[:a, :a]``'s pairs, their vectors zero
+  past ``a``. In the working precision: the host decides again in float64
+  at the end of a block.
 
   Returns:
-    ``(basis, w, c, beta, stats)``: the last ``w``, and per step the
-    coefficients ``(n, m + 1)``, ``beta`` ``(n,)`` and the pass's
-    ``[count, loss, bad]`` ``(n, 3)``, NaN after the last step run.
+    ``(converged, near, broken, wanted)``: the wanted pairs meet ``tol``
+    (without :func:`_block_done`), ``beta`` is a near-breakdown, a
+    breakdown, and the wanted Ritz values ``(k,)`` (NaN while fewer exist).
   """
-  size = jax.tree.leaves(basis)[0].shape[0]
+  size = t.shape[0]
+  index = jnp.arange(size)
+  inside = index < a
+  t = jnp.where(inside[:, None] & inside[None, :], t, 0)
+  bound = 2 * jnp.sqrt(jnp.sum(t * t)) + 1  # above every |Ritz value|
+  pad = {"LA": -bound, "SA": bound, "LM": jnp.zeros_like(bound)}[opts.which]
+  theta, s = jnp.linalg.eigh(t + jnp.diag(jnp.where(inside, 0, pad)))
+  if opts.which == "LA":  # ascending: the pairs of T[:a, :a] come last
+    active, wanted = index >= size - a, size - 1 - jnp.arange(opts.k)
+  elif opts.which == "SA":
+    active, wanted = inside, jnp.arange(opts.k)
+  else:
+    active, wanted = index >= 0, jnp.argsort(-jnp.abs(theta))[:opts.k]
+  top = jnp.max(jnp.where(active, jnp.abs(theta), 0))
+  scale = jnp.maximum(jnp.abs(theta[wanted]), opts.tiny * top)
+  near = beta <= np.sqrt(opts.tiny / 100) * top
+  converged = ((a >= opts.k) & ~near
+               & jnp.all(jnp.abs(beta * s[a - 1, wanted]) <= opts.tol * scale))
+  values = jnp.where(jnp.arange(opts.k) < a, theta[wanted], jnp.nan)
+  return converged, near, beta <= opts.tiny * top, values
+
+
+@functools.partial(jax.jit, static_argnames=("pass_fn", "opts", "loop"),
+                   donate_argnums=(1,))
+def _steps(params, basis, data, t, j, count, arrow, may_converge, *, pass_fn,
+           opts, loop):
+  """Up to ``count`` Lanczos steps from slot ``j`` in one program.
+
+  Step ``i`` computes ``w = H q_{j+i}`` (one full pass), orthogonalizes it
+  against slots ``0..j+i``, places ``q_{j+i+1} = w / beta`` and fills ``T``
+  as :func:`expand`, :func:`record` and :func:`advance` would without a
+  breakdown or a restart (``arrow``: the first step after a restart also
+  fills ``T[:j, j]``). It stops after a step whose wanted pairs
+  :func:`_test` calls converged (while ``may_converge``: no near-breakdown
+  since the last restart), a breakdown, or a non-finite product.
+
+  Returns:
+    ``(basis, w, t, c, steps)``: the last ``w``, ``T`` after the last step
+    (not yet coupled to ``w``), the last step's coefficients ``c``
+    ``(m + 1,)``, and per step ``[count, loss, bad, beta, near, ritz_1..k]``
+    ``(m, 5 + k)``: the pass's numbers, ``||w||``, whether it was a
+    near-breakdown, and the wanted Ritz values; NaN after the last step.
+  """
+  size = opts.size
   dtype = tree_math.accumulation_dtype(jax.tree.leaves(basis)[0].dtype)
+  index = jnp.arange(size)
 
   def body(carry):
-    i, basis, _, cs, betas, rows, _ = carry
-    hv, stats = pass_fn(params, basis_lib.get(basis, j + i), data)
-    w, c, beta = basis_lib.orthogonalize(basis, hv, j + i + 1)
-    nxt = tree_math.tree_scale(w, 1.0 / jnp.where(beta > 0, beta, 1.0))
-    basis = basis_lib.put(basis, j + i + 1, nxt)
-    return (i + 1, basis, w, cs.at[i].set(c.astype(dtype)),
-            betas.at[i].set(beta.astype(dtype)),
-            rows.at[i].set(stats.astype(dtype)), stats[2] >= 0)
+    i, basis, _, t, _, table, may, _ = carry
+    slot = j + i
+    hv, stats = pass_fn(params, basis_lib.get(basis, slot), data)
+    w, c, beta = basis_lib.orthogonalize(basis, hv, slot + 1)
+    c, beta = c.astype(dtype), beta.astype(dtype)
+    basis = basis_lib.put(basis, slot + 1, tree_math.tree_scale(
+        w, 1.0 / jnp.where(beta > 0, beta, 1.0)))
+    coupling = jnp.where(i > 0, table[jnp.maximum(i - 1, 0), 3],
+                         t[slot, slot - 1])
+    row = jnp.where(index == slot - 1, coupling, t[slot])
+    row = jnp.where((index < slot) & arrow & (i == 0), c[:size], row)
+    row = row.at[slot].set(c[slot])
+    t = t.at[slot].set(row).at[:, slot].set(row)
+    converged, near, broken, values = _test(t, slot + 1, beta, opts)
+    table = table.at[i].set(jnp.concatenate([
+        stats.astype(dtype), jnp.stack([beta, near.astype(dtype)]),
+        values.astype(dtype)]))
+    stop = (converged & may) | broken | (stats[2] >= 0)
+    return i + 1, basis, w, t, c, table, may & ~near, stop
 
-  carry = (0, basis, basis_lib.get(basis, j), jnp.full((n, size), jnp.nan, dtype),
-           jnp.full((n,), jnp.nan, dtype), jnp.full((n, 3), jnp.nan, dtype),
-           False)
-  if n == 1:  # no loop: XLA:CPU runs loop bodies without its fast kernels
+  carry = (0, basis, basis_lib.get(basis, j), t.astype(dtype),
+           jnp.zeros((size + 1,), dtype),
+           jnp.full((size, 5 + opts.k), jnp.nan, dtype),
+           jnp.asarray(may_converge), False)
+  if loop:
+    carry = jax.lax.while_loop(lambda c: (c[0] < count) & ~c[7], body, carry)
+  else:  # one step: XLA:CPU runs loop bodies without its fast kernels
     carry = body(carry)
-  else:
-    carry = jax.lax.while_loop(lambda c: (c[0] < count) & ~c[6], body, carry)
-  _, basis, w, cs, betas, rows, _ = carry
-  return basis, w, cs, betas, rows
+  _, basis, w, t, c, table, _, _ = carry
+  return basis, w, t, c, table
 
 
-def block(op, state: LanczosState, opts: _Options, n: int) -> LanczosState:
-  """Up to ``n`` steps in one program and one host read (data on devices).
+class Pace:
+  """How many steps each compiled block runs (``steps_per_call``).
 
-  The host then goes through them as :func:`record` and :func:`advance`
-  would step by step, and stops at the first step that converges or breaks
-  down, discarding the products after it (they are counted all the same).
+  Fixed (``steps``), or automatic (``steps=None``): one step, then as many
+  as took about ``seconds`` in the last block, so a block ends within about
+  that long of a SIGTERM and the progress bar moves as often; every process
+  runs process 0's count. ``loop`` is whether the blocks are compiled as a
+  loop (one program for every count) or as a single step.
+  """
+
+  def __init__(self, steps: int | None, seconds: float = 1.0):
+    self.loop = steps is None or steps > 1
+    self._steps, self._seconds, self._per_step = steps, seconds, None
+
+  def count(self) -> int:
+    if self._steps is not None:
+      return self._steps
+    n = 1 if self._per_step is None else max(
+        1, int(self._seconds / max(self._per_step, 1e-9)))
+    if jax.process_count() > 1:
+      n = int(multihost_utils.broadcast_one_to_all(np.int64(min(n, 2**40))))
+    return n
+
+  def took(self, seconds: float, steps: int):
+    if steps:
+      self._per_step = seconds / steps
+
+
+def block(op, state: LanczosState, opts: _Options, pace: Pace) -> LanczosState:
+  """Steps in one program and one host read (data on the devices).
+
+  The program stops itself after the step whose pairs it finds converged
+  (or at a breakdown) and hands back ``T``; the host takes its record of
+  every step but the last (wanted Ritz values, near-breakdowns), and
+  decides on the last in float64 as :func:`record` does step by step.
   """
   pass_fn, data = op.pass_program()
-  count = min(n, opts.size - state.j, len(state.ritz) - state.num_steps)
-  basis, w, cs, betas, rows = _steps(op.params, state.basis, data,
-                                     np.int32(state.j), np.int32(count),
-                                     pass_fn=pass_fn, n=n)
-  cs, betas, rows = (sharding_lib.host_value(a).astype(np.float64)
-                     for a in (cs, betas, rows))
-  for i in range(count):
-    if np.isnan(rows[i, 0]):
-      break
-    op.account(rows[i], f"at Lanczos step {state.num_steps + i}")
-  state = state._replace(basis=basis, w=w)
-  for i in range(count):
-    if i:
-      state = _couple(state, opts)
-    state = record(state, cs[i], float(betas[i]), opts)
-    if state.converged or state.exhausted or (
-        i + 1 < count and _broken(state, opts)):
-      break
-  return state
-
-
-def _broken(state, opts) -> bool:
-  theta, _, _ = ritz(state.t, state.j, state.beta)
-  return state.beta <= opts.tiny * max(np.abs(theta).max(), 1e-300)
-
-
-def _couple(state, opts):
-  """:func:`advance` for a vector :func:`_steps` already placed."""
-  j, t = state.j, state.t.copy()
-  theta, _, _ = ritz(t, j, state.beta)
-  block_start = state.block
-  if _near_breakdown(state.beta, theta, opts.tiny / 100):
-    block_start = j + 1
-  t[j, j + 1] = t[j + 1, j] = state.beta
-  return state._replace(t=t, j=j + 1, block=block_start)
+  count = min(pace.count(), opts.size - state.j,
+              len(state.ritz) - state.num_steps)
+  tick = time.perf_counter()
+  basis, w, t, c, table = _steps(
+      op.params, state.basis, data, state.t, np.int32(state.j),
+      np.int32(count), np.bool_(state.j == state.kept and state.j > 0),
+      np.bool_(state.block == 0), pass_fn=pass_fn, opts=opts, loop=pace.loop)
+  t, c, table = (sharding_lib.host_value(a).astype(np.float64)
+                 for a in (t, c, table))
+  ran = int(np.sum(~np.isnan(table[:, 0])))
+  pace.took(time.perf_counter() - tick, ran)
+  for i in range(ran):
+    op.account(table[i, :3], f"at Lanczos step {state.num_steps + i}")
+  history, first = state.ritz.copy(), state.block
+  history[state.num_steps:state.num_steps + ran - 1] = table[:ran - 1, 5:]
+  for i in np.flatnonzero(table[:ran - 1, 4] > 0):
+    first = state.j + i + 1
+  state = state._replace(basis=basis, w=w, t=t, j=state.j + ran - 1,
+                         block=first, ritz=history,
+                         num_steps=state.num_steps + ran - 1)
+  return record(state, c, float(table[ran - 1, 3]), opts)
 
 
 def continue_after_breakdown(op, basis, count, key):
@@ -393,13 +465,14 @@ def advance(op, state: LanczosState, opts: _Options) -> LanczosState:
 
 
 def step(op, state: LanczosState, opts: _Options,
-         steps_per_call: int = 0) -> LanczosState:
-  """Places the pending vector (after the first step), then one product, or
-  up to ``steps_per_call`` in one program (:func:`block`)."""
+         pace: Pace | None = None) -> LanczosState:
+  """Places the pending vector (after the first step), then one product
+  (``pace`` None: the data streams), or a block of them in one program
+  (:func:`block`)."""
   if state.num_steps:
     state = advance(op, state, opts)
-  if steps_per_call:
-    return block(op, state, opts, steps_per_call)
+  if pace is not None:
+    return block(op, state, opts, pace)
   return expand(op, state, opts)
 
 
@@ -510,16 +583,16 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``: the basis and
       the recurrence's state are saved after steps and restored, if saved
       before, at the start.
-    steps_per_call: with the data on the devices (in one program), run up
-      to this many steps (products, reorthogonalizations, basis updates) in
-      one compiled loop with one host read; the host then reads ``T`` and
-      decides convergence, breakdowns and restarts, discarding the steps
-      after the one that converged (they count in ``krylov_hvps``). None
-      (the default) runs and reads one step at a time. It pays where a
-      product is cheap next to a host round trip (small dense models; GPUs
-      and TPUs): 0.91x the bare product time per product on the digits MLP
-      with 8, against 1.34x step by step; XLA:CPU runs loop bodies without
-      its fast convolutions, so there it costs 3.4x on the digits CNN.
+    steps_per_call: with the data on the devices (in one program), steps
+      (product, reorthogonalization, ``T``, the stopping test) run in
+      compiled blocks, each one program and one host read, that stop
+      themselves after the step whose Ritz pairs meet ``tol`` (the host
+      checks again in float64 and takes exactly the steps it would take
+      one at a time). None (the default) sizes the blocks to about a second
+      each (so a SIGTERM and the progress bar wait no longer), or runs one
+      step per program where compiled loops are slow
+      (``HessianOperator.loops_run_fast``: XLA:CPU with convolutions); a
+      number fixes the block length. Streamed data runs a step at a time.
     basis_dtype: the Krylov basis's dtype; by default the parameters' but
       at least float32 (products are taken in the parameters' dtypes; the
       scalars of ``T`` are float32 or wider). ``jnp.bfloat16`` halves the
@@ -560,13 +633,15 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
       not isinstance(steps_per_call, (int, np.integer)) or steps_per_call < 1):
     raise ValueError("steps_per_call must be a positive integer or None; got "
                      f"{steps_per_call!r}.")
-  steps = (steps_per_call if steps_per_call and op.pass_program() is not None
-           else 0)
+  pace = None
+  if op.pass_program() is not None:
+    pace = Pace(steps_per_call if steps_per_call is not None or
+                op.loops_run_fast() else 1)
   state = init(op, power.unit_start(op, v0, key, "v0"), size=opts.size,
                max_hvps=max_hvps, k=k, key=key, basis_dtype=basis_dtype)
   method = driver.Method(
       name=f"lanczos {which} k={k}",
-      step=lambda op, s: step(op, s, opts, steps),
+      step=lambda op, s: step(op, s, opts, pace),
       done=lambda s: s.converged or s.exhausted,
       planned_hvps=max_hvps,
       postfix=lambda s: {"ritz": f"{s.ritz[s.num_steps - 1, 0]:.6g}"})

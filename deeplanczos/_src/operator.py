@@ -128,6 +128,11 @@ class PassFn(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames="pass_fn")
+def _one(params, v, data, *, pass_fn):
+  return pass_fn(params, v, data)
+
+
+@functools.partial(jax.jit, static_argnames="pass_fn")
 def _many(params, vectors, data, *, pass_fn):
   """``pass_fn`` for a stack of vectors: one program, products in parallel."""
   return jax.vmap(pass_fn, in_axes=(None, 0, None))(params, vectors, data)
@@ -256,6 +261,7 @@ class HessianOperator:
     # batched_pass_bytes by count: compiled once, shared with with_params's
     # copies (the bytes do not depend on the parameters' values).
     self._pass_bytes = {}
+    self._loops_fast = {}  # loops_run_fast's answer, shared the same way
     if accumulate is None:
       accumulate = hvp_lib.choose_accumulate(self.shardings, self.mesh,
                                              data_axis)
@@ -509,6 +515,32 @@ class HessianOperator:
         m.argument_size_in_bytes + m.output_size_in_bytes +
         m.temp_size_in_bytes - m.alias_size_in_bytes)
     return self._pass_bytes[count]
+
+  def loops_run_fast(self) -> bool:
+    """Whether passes in a compiled loop run as fast as one program each.
+
+    A method that runs many products in one ``while_loop`` (see
+    :meth:`pass_program`) saves a host round trip per product. Not on
+    XLA:CPU for a model with convolutions: it runs loop bodies without its
+    fast convolution kernels (11x slower per product on the digits CNN);
+    dense layers and attention run as fast there (the small Transformer
+    faster), and GPUs and TPUs run loops at full speed. Decided once, from
+    the lowered pass (nothing compiles), and False when the data streams.
+    """
+    program = self.pass_program()
+    if program is None:
+      return False
+    if "fast" not in self._loops_fast:
+      fast = self.mesh.devices.flat[0].platform != "cpu"
+      if not fast:
+        pass_fn, data = program
+        v = jax.tree.map(
+            lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
+            self.template, self.shardings)
+        text = _one.lower(self.params, v, data, pass_fn=pass_fn).as_text()
+        fast = "convolution" not in text
+      self._loops_fast["fast"] = fast
+    return self._loops_fast["fast"]
 
   def account(self, stats, where: str = ""):
     """Counts one pass from its ``[count, loss, bad]``; raises if it was bad."""
