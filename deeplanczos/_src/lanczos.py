@@ -482,6 +482,50 @@ def _residual(hv, v, lam):
   return tree_math.tree_norm(tree_math.tree_axpy(-lam, v, hv))
 
 
+@functools.partial(jax.jit, static_argnames=("pass_fn", "loop"))
+def _residual_passes(params, vectors, lam, data, *, pass_fn, loop):
+  """``||H v_i - lambda_i v_i||`` for every stacked ``v_i`` and each pass's
+  ``[count, loss, bad]``: a compiled loop over the pairs, or (``loop``
+  False, one pair) a single pass."""
+  def check(i):
+    v = basis_lib.get(vectors, i)
+    hv, stats = pass_fn(params, v, data)
+    return _residual(hv, v, lam[i]), stats
+  if not loop:
+    norm, stats = check(0)
+    return norm[None], stats[None]
+  return jax.lax.map(check, jnp.arange(lam.shape[0]))
+
+
+def residual_norms(op, vectors, lam) -> np.ndarray:
+  """``||H v_i - lambda_i v_i||`` for stacked vectors, a product each.
+
+  With the data on the devices, one program checks them all (a compiled
+  loop, where loops run fast) or one each, all dispatched before the host
+  reads any; streamed, one pass each.
+  """
+  program = op.pass_program()
+  if program is None:
+    return np.array([float(sharding_lib.host_value(_residual(
+        op.matvec(basis_lib.get(vectors, i), where=f"for eigenpair {i}"),
+        basis_lib.get(vectors, i), lam[i]))) for i in range(len(lam))])
+  pass_fn, data = program
+  lam = np.asarray(lam, np.float64)
+  if op.loops_run_fast():
+    checks = [_residual_passes(op.params, vectors, lam, data, pass_fn=pass_fn,
+                               loop=True)]
+  else:
+    checks = [_residual_passes(
+        op.params, jax.tree.map(lambda a, i=i: a[i:i + 1], vectors),
+        lam[i:i + 1], data, pass_fn=pass_fn, loop=False)
+              for i in range(len(lam))]
+  norms, stats = (np.concatenate([sharding_lib.host_value(c[j]) for c in checks])
+                  for j in (0, 1))
+  for i, row in enumerate(stats):
+    op.account(row, f"for eigenpair {i}")
+  return norms.astype(np.float64)
+
+
 def meets_tol(lam, residuals, tol, dtype):
   """Whether each explicit residual meets ``tol`` (see ``converged``)."""
   lam = np.asarray(lam, np.float64)
@@ -522,11 +566,7 @@ def result(op, state: LanczosState, run: driver.Run,
                              sharding_lib.stacked(op.shardings))
   lam = theta[wanted]
   if opts.check_residuals:
-    residuals = np.array([
-        float(sharding_lib.host_value(_residual(
-            op.matvec(basis_lib.get(vectors, i), where=f"for eigenpair {i}"),
-            basis_lib.get(vectors, i), lam[i])))
-        for i in range(len(lam))])
+    residuals = residual_norms(op, vectors, lam)
   else:
     residuals = res[wanted]
   ok = meets_tol(lam, residuals, opts.tol, dtype)
