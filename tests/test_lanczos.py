@@ -468,21 +468,27 @@ def test_matvecs_of_streamed_data_are_one_pass_each(mlp):
 
 def test_slq_in_batched_passes_matches_one_probe_at_a_time(mlp):
   loss, params, batches, _, w, _ = mlp
+  # Streamed: one probe at a time, a product and a host read a step.
+  one = deeplanczos.spectral_density(loss, params, batches, num_probes=5,
+                                     num_steps=len(w), key=jax.random.key(1),
+                                     show_pbar=False, data_on_device=False)
   op = deeplanczos.HessianOperator(loss, params, batches)
-  one = deeplanczos.spectral_density(op, num_probes=5, num_steps=len(w),
-                                     key=jax.random.key(1), show_pbar=False)
-  # 5 probes, 3 at a time: a batch of 3 and one of 2; the probes break down
-  # (the Hessian has repeated eigenvalues) at steps of their own.
-  many = deeplanczos.spectral_density(op, num_probes=5, num_steps=len(w),
-                                      key=jax.random.key(1), show_pbar=False,
-                                      probes_per_call=3)
-  np.testing.assert_array_equal(np.isnan(many.nodes), np.isnan(one.nodes))
-  np.testing.assert_allclose(many.nodes, one.nodes, atol=1e-9)
-  np.testing.assert_allclose(many.weights, one.weights, atol=1e-9)
-  np.testing.assert_allclose(many.density, one.density, rtol=1e-8,
-                             atol=1e-10)
-  # Each probe's nodes lie in the dense spectrum; its largest is the top.
-  assert np.nanmax(many.nodes) == pytest.approx(w.max(), rel=1e-9)
+  assert op.loops_run_fast()
+  # On the devices every probe's steps are one compiled loop: one probe at a
+  # time, and 3 at a time (a batch of 3 and one of 2) where the probes break
+  # down (the Hessian has repeated eigenvalues) at steps of their own.
+  for probes_per_call in (1, 3):
+    many = deeplanczos.spectral_density(op, num_probes=5, num_steps=len(w),
+                                        key=jax.random.key(1),
+                                        show_pbar=False,
+                                        probes_per_call=probes_per_call)
+    np.testing.assert_array_equal(np.isnan(many.nodes), np.isnan(one.nodes))
+    np.testing.assert_allclose(many.nodes, one.nodes, atol=1e-9)
+    np.testing.assert_allclose(many.weights, one.weights, atol=1e-9)
+    np.testing.assert_allclose(many.density, one.density, rtol=1e-8,
+                               atol=1e-10)
+    # Each probe's nodes lie in the dense spectrum; its largest is the top.
+    assert np.nanmax(many.nodes) == pytest.approx(w.max(), rel=1e-9)
 
 
 def test_auto_probes_per_call_takes_what_memory_holds(mlp, monkeypatch):

@@ -756,13 +756,50 @@ def _step_many(bases, w, count, keep):
   return bases, jnp.stack([c[:, count - 1], beta], axis=1)
 
 
+@functools.partial(jax.jit, static_argnames=("pass_fn", "num_steps"))
+def _tridiagonalize_loop(params, bases, data, tiny, *, pass_fn, num_steps):
+  """:func:`tridiagonalize_many`'s steps as one compiled loop.
+
+  Returns:
+    ``(table, stats)``: per step and probe ``[alpha, beta, kept]``
+    ``(num_steps, P, 3)`` (``kept``: the probe had not broken down before
+    this step) and the passes' ``[count, loss, bad]`` ``(num_steps, P, 3)``,
+    NaN after the last step run (when every probe had broken down, or
+    after a non-finite product).
+  """
+  count = jax.tree.leaves(bases)[0].shape[0]
+  dtype = tree_math.accumulation_dtype(jax.tree.leaves(bases)[0].dtype)
+
+  def body(carry):
+    j, bases, keep, top, table, rows, _ = carry
+    w, stats = jax.vmap(pass_fn, in_axes=(None, 0, None))(
+        params, jax.tree.map(lambda b: b[:, j], bases), data)
+    bases, entries = _step_many(bases, w, j + 1, keep)
+    entries = entries.astype(dtype)
+    top = jnp.maximum(top, jnp.abs(entries[:, 0]))
+    broken = keep & (entries[:, 1] <= tiny * top) & (j + 1 < num_steps)
+    table = table.at[j].set(jnp.concatenate(
+        [entries, keep.astype(dtype)[:, None]], axis=1))
+    return (j + 1, bases, keep & ~broken, top, table,
+            rows.at[j].set(stats.astype(dtype)), jnp.any(stats[:, 2] >= 0))
+
+  carry = (0, bases, jnp.ones(count, bool), jnp.zeros(count, dtype),
+           jnp.full((num_steps, count, 3), jnp.nan, dtype),
+           jnp.full((num_steps, count, 3), jnp.nan, dtype), False)
+  carry = jax.lax.while_loop(
+      lambda c: (c[0] < num_steps) & jnp.any(c[2]) & ~c[6], body, carry)
+  return carry[4], carry[5]
+
+
 def tridiagonalize_many(op: operator_lib.HessianOperator, probes,
                         num_steps: int) -> list[np.ndarray]:
   """:func:`tridiagonalize` for a stack of probes, products in one pass each.
 
   Every step is one batched pass over the data for all probes
-  (``op.matvecs``: the data is read once, the products share it) and one
-  host read of their ``T`` entries; memory is a basis per probe.
+  (``op.matvecs``: the data is read once, the products share it); where
+  compiled loops run fast (``op.loops_run_fast()``) all the steps are one
+  program and one host read, otherwise a program and a read a step. Memory
+  is a basis per probe.
 
   Args:
     op: the operator.
@@ -780,6 +817,26 @@ def tridiagonalize_many(op: operator_lib.HessianOperator, probes,
   tiny = 100 * float(jnp.finfo(jax.tree.leaves(bases)[0].dtype).eps)
   t = np.zeros((count, num_steps, num_steps))
   steps = np.full(count, num_steps)
+  if op.loops_run_fast():
+    pass_fn, data = op.pass_program()
+    table, stats = (sharding_lib.host_value(a).astype(np.float64)
+                    for a in _tridiagonalize_loop(op.params, bases, data, tiny,
+                                                  pass_fn=pass_fn,
+                                                  num_steps=num_steps))
+    for j in range(num_steps):
+      if np.isnan(stats[j, 0, 0]):
+        break
+      for p in range(count):
+        op.account(stats[j, p], f"at Lanczos step {j}, vector {p}")
+      for p in np.flatnonzero(table[j, :, 2] > 0):
+        t[p, j, j] = table[j, p, 0]
+        if j + 1 == num_steps:
+          continue
+        if table[j + 1, p, 2] > 0:  # NaN (the loop had ended) is a breakdown
+          t[p, j, j + 1] = t[p, j + 1, j] = table[j, p, 1]
+        else:
+          steps[p] = j + 1
+    return [t[p, :steps[p], :steps[p]] for p in range(count)]
   keep = np.ones(count, bool)
   for j in range(num_steps):
     w = op.matvecs(jax.tree.map(lambda b: b[:, j], bases),
