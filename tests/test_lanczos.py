@@ -192,7 +192,8 @@ def test_per_layer_operator(mlp):
                         show_pbar=False)
 
 
-def test_compiled_once_however_many_steps(mlp):
+@pytest.mark.parametrize("steps_per_call", [None, "auto"])
+def test_compiled_once_however_many_steps(mlp, steps_per_call):
   base, params, batches, _, _, _ = mlp
   counts = []
   for max_hvps in (8, 40):
@@ -205,14 +206,16 @@ def test_compiled_once_however_many_steps(mlp):
     programs = (basis_lib.orthogonalize, lanczos_lib._steps)  # pylint: disable=protected-access
     before = [p._cache_size() for p in programs]  # pylint: disable=protected-access
     deeplanczos.lanczos(loss, params, batches, 3, ncv=7, tol=1e-14,
-                        max_hvps=max_hvps, show_pbar=False)
+                        max_hvps=max_hvps, show_pbar=False,
+                        steps_per_call=steps_per_call)
     counts.append((len(traces), *[p._cache_size() - b  # pylint: disable=protected-access
                                   for p, b in zip(programs, before)]))
   # 40 products, with restarts, trace and compile no more than 8 did (each
   # run's loss is new): the blocks of steps are one program for every
   # length.
   assert counts[1][0] == counts[0][0] == 4
-  assert counts[1][1] == 0 and counts[1][2] == counts[0][2] > 0
+  assert counts[1][1] == 0 and counts[1][2] == counts[0][2]
+  assert (counts[0][2] > 0) == (steps_per_call == "auto")
 
 
 def test_bad_arguments(mlp):
@@ -368,7 +371,7 @@ def test_tol_zero_is_the_working_precision_and_counts_add_up():
 
 
 @pytest.mark.parametrize("which,steps_per_call", [
-    ("LA", None), ("LA", 1), ("LA", 3), ("SA", 8), ("LM", None)])
+    ("LA", "auto"), ("LA", 1), ("LA", 3), ("SA", 8), ("LM", "auto")])
 def test_steps_in_compiled_blocks_match_step_by_step(mlp, which,
                                                      steps_per_call):
   loss, params, batches, h, w, u = mlp
@@ -393,8 +396,8 @@ def test_steps_in_compiled_blocks_match_step_by_step(mlp, which,
 
 
 def test_convolutions_on_cpu_run_a_step_per_program():
-  """XLA:CPU runs loop bodies without its fast convolutions, so a model with
-  one takes single-step programs; the answer is the dense one either way."""
+  """XLA:CPU runs loop bodies without its fast convolutions, so there
+  ``steps_per_call='auto'`` keeps to single steps on the operator's pass."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(24, 6, 6, 1))
   y = rng.normal(size=(24,))
@@ -409,13 +412,14 @@ def test_convolutions_on_cpu_run_a_step_per_program():
   w = np.linalg.eigvalsh(h)
   op = deeplanczos.HessianOperator(loss, params, batches)
   before = lanczos_lib._steps._cache_size()  # pylint: disable=protected-access
-  r = deeplanczos.lanczos(op, 3, tol=1e-10, show_pbar=False)
+  r = deeplanczos.lanczos(op, 3, tol=1e-10, show_pbar=False,
+                          steps_per_call="auto")
   assert op.data_on_device and not op.loops_run_fast()
   np.testing.assert_allclose(r.eigenvalues, w[::-1][:3], rtol=1e-9)
   assert r.krylov_hvps == deeplanczos.lanczos(
       loss, params, batches, 3, tol=1e-10, show_pbar=False,
       data_on_device=False).krylov_hvps
-  assert lanczos_lib._steps._cache_size() > before  # pylint: disable=protected-access
+  assert lanczos_lib._steps._cache_size() == before  # pylint: disable=protected-access
   dense = deeplanczos.HessianOperator(*helpers.mlp_problem()[:2],
                                       [helpers.mlp_problem()[2:]])
   assert dense.loops_run_fast()
@@ -435,7 +439,7 @@ def test_blocks_through_breakdown_and_repeated_eigenvalues():
   np.testing.assert_allclose(vs @ vs.T, np.eye(5), atol=1e-10)
   np.testing.assert_allclose(vs @ h @ vs.T, np.diag(r.eigenvalues),
                              atol=1e-9)
-  with pytest.raises(ValueError, match="steps_per_call must be a positive"):
+  with pytest.raises(ValueError, match="steps_per_call must be None, 'auto'"):
     deeplanczos.lanczos(loss, params, [(x, y)], 2, steps_per_call=0)
 
 

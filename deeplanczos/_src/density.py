@@ -70,7 +70,7 @@ def step(op, state: DensityState, keys, num_steps,
   weights. One probe, or up to ``probes_per_call`` in batched passes."""
   p = state.done
   count = min(probes_per_call, len(keys) - p)
-  if count == 1 and not op.loops_run_fast():
+  if count == 1:
     probe = op.random_vector(keys[p], kind="rademacher")
     ts = [lanczos_lib.tridiagonalize(op, probe, num_steps).tridiagonal]
   else:
