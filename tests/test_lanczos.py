@@ -392,12 +392,18 @@ def test_steps_in_compiled_blocks_match_step_by_step(mlp, which,
   # products, restarts and Ritz values as step by step.
   assert r.krylov_hvps == one.krylov_hvps
   np.testing.assert_allclose(r.ritz_history, one.ritz_history, rtol=1e-9)
+  # The explicit checks, in the block program's check mode, are the
+  # products that op.matvec takes.
+  assert r.residual_hvps == one.residual_hvps == 4
+  np.testing.assert_allclose(r.residuals, one.residuals, rtol=1e-3,
+                             atol=1e-13)
   del u
 
 
 def test_convolutions_on_cpu_run_a_step_per_program():
   """XLA:CPU runs loop bodies without its fast convolutions, so there
-  ``steps_per_call='auto'`` keeps to single steps on the operator's pass."""
+  ``steps_per_call='auto'`` (the default) keeps to single steps on the
+  operator's pass."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(24, 6, 6, 1))
   y = rng.normal(size=(24,))
@@ -412,8 +418,7 @@ def test_convolutions_on_cpu_run_a_step_per_program():
   w = np.linalg.eigvalsh(h)
   op = deeplanczos.HessianOperator(loss, params, batches)
   before = lanczos_lib._steps._cache_size()  # pylint: disable=protected-access
-  r = deeplanczos.lanczos(op, 3, tol=1e-10, show_pbar=False,
-                          steps_per_call="auto")
+  r = deeplanczos.lanczos(op, 3, tol=1e-10, show_pbar=False)
   assert op.data_on_device and not op.loops_run_fast()
   np.testing.assert_allclose(r.eigenvalues, w[::-1][:3], rtol=1e-9)
   assert r.krylov_hvps == deeplanczos.lanczos(

@@ -611,7 +611,7 @@ def default_ncv(k: int) -> int:
 def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
             key=None, ncv: int | None = None, tol: float = 1e-6,
             max_hvps: int = 1000, v0=None, show_pbar: bool = True,
-            checkpointer=None, steps_per_call: int | str | None = None,
+            checkpointer=None, steps_per_call: int | str | None = "auto",
             basis_dtype=None, check_residuals: bool = True) -> LanczosResult:
   """``k`` eigenpairs of the Hessian of the dataset loss, by Lanczos.
 
@@ -639,23 +639,21 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``: the basis and
       the recurrence's state are saved after steps and restored, if saved
       before, at the start.
-    steps_per_call: None (the default) runs a step at a time on the
-      operator's own compiled pass, a host read each. With the data on the
-      devices (in one program), steps (product, reorthogonalization, ``T``,
-      the stopping test) can instead run in compiled blocks, one program
-      and one host read each, that stop themselves after the step whose
-      Ritz pairs meet ``tol`` (the host checks again in float64 and takes
-      exactly the steps it would take one at a time); the explicit residual
-      checks then run in the same program. ``'auto'`` sizes the blocks to
-      about a second each (so a SIGTERM and the progress bar wait no
-      longer), and keeps to single steps where compiled loops are slow
+    steps_per_call: with the data on the devices (in one program), steps
+      (product, reorthogonalization, ``T``, the stopping test) run in
+      compiled blocks, one program and one host read each, that stop
+      themselves after the step whose Ritz pairs meet ``tol`` (the host
+      re-checks in float64 and takes exactly the steps it would take one at
+      a time); the explicit residual checks run in the same program.
+      ``'auto'`` (the default) sizes the blocks to about a second each (so
+      a SIGTERM and the progress bar wait no longer) and keeps to single
+      steps where compiled loops are slow
       (``HessianOperator.loops_run_fast``: XLA:CPU with convolutions); a
-      number fixes the block length. Blocks compile the pass once more
-      (2.5 s on the digits MLP on CPU, minutes for a large model) and then
-      save the host round trip of every step: on the digits MLP a warm
-      top-5 takes 1.1x the time of its products at the bare HVP's speed,
-      against 1.8x a step at a time. Worth it for repeated calls (following
-      training, sharpness) and small models on accelerators.
+      number fixes the block length; None runs a step at a time on the
+      operator's own compiled pass (``op.matvec``), as streamed data always
+      does. The block program compiles its own copy of the pass (like the
+      power method's), so after ``op.matvec`` has compiled it a first call
+      costs that compile once more.
     basis_dtype: the Krylov basis's dtype; by default the parameters' but
       at least float32 (products are taken in the parameters' dtypes; the
       scalars of ``T`` are float32 or wider). ``jnp.bfloat16`` halves the
