@@ -52,8 +52,10 @@ def sigterm_then(fn):
 PHASES = {
     "training": lambda mp: mp.setattr(
         runner_lib.tasks_lib, "train", sigterm_then(runner_lib.tasks_lib.train)),
-    "residual check": lambda mp: mp.setattr(
-        lanczos_lib, "_residual", sigterm_then(lanczos_lib._residual)),  # pylint: disable=protected-access
+    "residual check": lambda mp: [mp.setattr(  # in blocks or step by step
+        lanczos_lib, name, sigterm_then(getattr(lanczos_lib, name)))
+                                  for name in ("_checked_in_blocks",
+                                               "residual_norms")],
     "eigenvector save": lambda mp: mp.setattr(
         runner_lib.deeplanczos, "save_eigenvectors",
         sigterm_then(runner_lib.deeplanczos.save_eigenvectors)),
