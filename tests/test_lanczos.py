@@ -371,7 +371,7 @@ def test_tol_zero_is_the_working_precision_and_counts_add_up():
 
 
 @pytest.mark.parametrize("which,steps_per_call", [
-    ("LA", "auto"), ("LA", 1), ("LA", 3), ("SA", 8), ("LM", "auto")])
+    ("LA", "auto"), ("SA", 3), ("LM", 1)])
 def test_steps_in_compiled_blocks_match_step_by_step(mlp, which,
                                                      steps_per_call):
   loss, params, batches, h, w, u = mlp
