@@ -192,14 +192,15 @@ def _flip_a_digit_of_t(step_dir):
 
 
 def _overwrite_array_bytes(step_dir):
-  """16 bytes in the middle of the largest data file (every copy of it)."""
-  files = [f for f in (step_dir / "arrays").rglob("*") if f.is_file()
-           and "/d/" in str(f)]
-  largest = max(f.stat().st_size for f in files)
-  for f in files:
-    if f.stat().st_size == largest:
+  """16 bytes in the middle of every data file (the middle of one file
+  alone may hold nothing that a restore reads: orbax's OCDBT data files also
+  hold index nodes, and where the arrays' bytes sit depends on their
+  values)."""
+  for f in (step_dir / "arrays").rglob("*"):
+    if f.is_file() and "/d/" in str(f):
       data = bytearray(f.read_bytes())
-      data[largest // 2:largest // 2 + 16] = b"\xff" * 16
+      middle = len(data) // 2
+      data[middle:middle + 16] = b"\xff" * 16
       f.write_bytes(bytes(data))
 
 
