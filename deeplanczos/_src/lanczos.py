@@ -399,7 +399,12 @@ def block(op, state: LanczosState, opts: _Options, pace: Pace) -> LanczosState:
   history[state.num_steps:state.num_steps + ran - 1] = table[:ran - 1, 5:]
   for i in np.flatnonzero(table[:ran - 1, 4] > 0):
     first = state.j + i + 1
-  state = state._replace(basis=basis, w=w, t=t, j=state.j + ran - 1,
+  # Only the block's rows come from the device: the rest (a restart's Ritz
+  # values and couplings) stays in float64, as step by step.
+  filled = slice(state.j, state.j + ran)
+  t_new = state.t.copy()
+  t_new[filled], t_new[:, filled] = t[filled], t[:, filled]
+  state = state._replace(basis=basis, w=w, t=t_new, j=state.j + ran - 1,
                          block=first, ritz=history,
                          num_steps=state.num_steps + ran - 1)
   return record(state, c, float(table[ran - 1, 3]), opts)

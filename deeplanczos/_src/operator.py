@@ -538,7 +538,7 @@ class HessianOperator:
             lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
             self.template, self.shardings)
         text = _one.lower(self.params, v, data, pass_fn=pass_fn).as_text()
-        fast = "convolution" not in text
+        fast = "stablehlo.convolution" not in text
       self._loops_fast["fast"] = fast
     return self._loops_fast["fast"]
 
