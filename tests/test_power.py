@@ -33,6 +33,36 @@ def test_init_vector_shapes_norm_and_determinism():
   assert np.abs(helpers.flat(v) @ helpers.flat(other)) < 0.9
 
 
+@pytest.mark.parametrize("kind", ["normal", "rademacher"])
+def test_random_vectors_are_each_leaf_drawn_alone(kind):
+  # Small replicated leaves are drawn in one program: each must still be
+  # jax's own draw of that leaf with its key, on one device and on a mesh.
+  from deeplanczos._src import operator as operator_lib  # pylint: disable=g-import-not-at-top
+  sampler = {"normal": jax.random.normal,
+             "rademacher": jax.random.rademacher}[kind]
+  like = {"w": jnp.zeros((64, 32), jnp.float32), "b": jnp.zeros(32),
+          "c": jnp.zeros((5, 3), jnp.float64), "h": jnp.zeros(7, jnp.bfloat16),
+          "e": jnp.zeros((3, 3), jnp.float64), "big": jnp.zeros((300, 300)),
+          "none": jnp.zeros(0)}
+  mesh = deeplanczos.make_mesh([("data", 8)])
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  spread = {k: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      "data" if k == "w" else None)) for k in like}
+  for impl in ("threefry2x32", "rbg"):
+    key = jax.random.key(7, impl=impl)
+    leaves, treedef = jax.tree.flatten(like)
+    keys = jax.random.split(key, len(leaves))
+    alone = treedef.unflatten([sampler(k, l.shape, l.dtype)
+                               for k, l in zip(keys, leaves)])
+    for shardings in (jax.tree.map(lambda _: one, like), spread):
+      v = operator_lib.random_vector_fn(like, shardings, kind=kind,
+                                        normalize=False)(key)
+      for name in like:
+        assert v[name].dtype == like[name].dtype, name
+        np.testing.assert_array_equal(v[name], alone[name], err_msg=name)
+      assert v["w"].sharding == shardings["w"]
+
+
 def test_mlp_matches_dense_hessian():
   loss, params, x, y = helpers.mlp_problem()
   h, unravel = helpers.dense_hessian(loss, params, x, y)

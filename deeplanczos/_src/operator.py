@@ -13,6 +13,7 @@ import copy
 from collections.abc import Callable
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 import warnings
 
@@ -77,14 +78,23 @@ def _per_device_output(loss, uses_rng, mesh, data_axis, params_spec,
   return jax.ShapeDtypeStruct(out.shape[1:], out.dtype), None
 
 
+# Leaves up to this many elements, replicated, are drawn together.
+_DRAWN_TOGETHER = 2**16
+
+
 @functools.lru_cache(maxsize=64)
 def _random_fn(spec, shardings, kind, normalize):
   treedef, shapes = spec
   sampler = (jax.random.rademacher if kind == "rademacher"
              else jax.random.normal)
+  together = tuple(
+      "replicated" if s.is_fully_replicated and math.prod(
+          l.shape) <= _DRAWN_TOGETHER else None
+      for s, l in zip(shardings, shapes))
 
   def make(key):
-    v = tree_math.tree_random(key, treedef.unflatten(shapes), sampler)
+    v = tree_math.tree_random(key, treedef.unflatten(shapes), sampler,
+                              together)
     if normalize:
       v = tree_math.tree_scale(v, 1.0 / tree_math.tree_norm(v))
     return v

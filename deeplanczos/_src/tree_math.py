@@ -6,9 +6,11 @@ does), so a vector sharded over a mesh is reduced on device.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def accumulation_dtype(dtype):
@@ -55,16 +57,43 @@ def tree_axpy(a, x, y):
   return jax.tree.map(lambda u, v: (a * u + v).astype(v.dtype), x, y)
 
 
-def tree_random(key, like, sampler=jax.random.normal):
+def tree_random(key, like, sampler=jax.random.normal, together=None):
   """A random pytree with ``like``'s structure, shapes and dtypes.
 
   ``sampler(key, shape, dtype)`` draws each leaf, with its own key:
   ``jax.random.normal`` (the default) or ``jax.random.rademacher``.
+
+  ``together`` (one tag or None per leaf) draws the leaves that share a tag
+  and a dtype as one vmapped draw of the longest one's size, each leaf the
+  prefix of its row: one random-bits program for many small leaves instead
+  of one each (XLA:CPU compiles each in about 0.17 s). With JAX's
+  partitionable threefry keys (its default) a leaf's values depend only on
+  its key and its elements' positions, so they equal the leaf drawn alone;
+  with other keys every leaf is drawn alone.
   """
   leaves, treedef = jax.tree.flatten(like)
   keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([sampler(k, l.shape, l.dtype)
-                            for k, l in zip(keys, leaves)])
+  if together is None or not (
+      jax.config.jax_threefry_partitionable
+      and str(jax.random.key_impl(key)) == "threefry2x32"):
+    together = (None,) * len(leaves)
+  groups = {}
+  for i, (leaf, tag) in enumerate(zip(leaves, together)):
+    groups.setdefault(i if tag is None else (tag, jnp.dtype(leaf.dtype)),
+                      []).append(i)
+  out = [None] * len(leaves)
+  for members in groups.values():
+    if len(members) == 1:
+      leaf = leaves[members[0]]
+      out[members[0]] = sampler(keys[members[0]], leaf.shape, leaf.dtype)
+      continue
+    sizes = [math.prod(leaves[i].shape) for i in members]
+    dtype = leaves[members[0]].dtype
+    rows = jax.vmap(lambda k, n=max(sizes), d=dtype: sampler(k, (n,), d))(
+        keys[np.asarray(members)])
+    for row, i, size in zip(rows, members, sizes):
+      out[i] = row[:size].reshape(leaves[i].shape)
+  return treedef.unflatten(out)
 
 
 def tree_size(x):
