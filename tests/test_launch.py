@@ -147,6 +147,31 @@ def test_methods_write_results(tmp_path, name, method):
     assert on_disk["stderr"] > 0 and np.isfinite(on_disk["estimate"])
 
 
+def test_lanczos_steps_per_call_and_residual_checks(tmp_path):
+  # Blocks of 3 steps take exactly the steps of a run a step at a time; no
+  # residual checks saves the k products and reports the estimates.
+  config = small_config("cnn_digits_lanczos")
+  config.train.steps = 0
+  runs = {}
+  for steps, check in ((-1, True), (3, False)):
+    config.lanczos.steps_per_call, config.lanczos.check_residuals = steps, check
+    runs[steps] = experiment.run(config, str(tmp_path / str(steps)))
+  one, blocks = runs[-1], runs[3]
+  assert blocks["krylov_hvps"] == one["krylov_hvps"]
+  assert one["residual_hvps"] == config.lanczos.k == one["num_hvps"] - one[
+      "krylov_hvps"]
+  assert blocks["residual_hvps"] == 0
+  assert blocks["num_hvps"] == blocks["krylov_hvps"]
+  # float32: the block program rounds differently from the operator's pass.
+  np.testing.assert_allclose(blocks["eigenvalues"], one["eigenvalues"],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(blocks["residuals"],
+                                blocks["residual_estimates"])
+  config.lanczos.steps_per_call = -2
+  with pytest.raises(experiment.ConfigError, match="steps_per_call"):
+    experiment.run(config, str(tmp_path / "bad"))
+
+
 def test_power_on_one_layer(tmp_path):
   config = small_config()
   config.subset = "Dense_1"

@@ -65,6 +65,12 @@ def get(basis, index):
   return jax.tree.map(lambda b: b[index], basis)
 
 
+@functools.partial(jax.jit, static_argnames="count")
+def head(basis, count):
+  """``basis[:count]``, in one program."""
+  return jax.tree.map(lambda b: b[:count], basis)
+
+
 def _coefficients(basis, v):
   """``c_i = <basis_i, v>`` for every slot, in >= float32."""
   def leaf(b, x):

@@ -541,7 +541,7 @@ def _checked_in_blocks(op, state, y, lam, opts: _Options, pace: Pace):
       :p if pace.loop else 1] for t in tables])
   for i, row in enumerate(rows):
     op.account(row[:3], f"for eigenpair {i}")
-  vectors = jax.tree.map(lambda b: b[:p], ritz_basis)
+  vectors = basis_lib.head(ritz_basis, p)
   return vectors, rows[:, 3]
 
 

@@ -38,8 +38,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.subset = ""  # a regular expression on parameter paths; "" for all
   # The matrix: 'hessian', 'ggn' (Gauss-Newton) or 'fisher' (empirical).
   c.curvature = "hessian"
+  # steps_per_call: Lanczos steps in one compiled block (0: 'auto', about a
+  # second each; -1: one step at a time on the operator's own pass);
+  # check_residuals: one more product per pair, what `converged` rests on.
   c.lanczos = ml_collections.ConfigDict(
-      {"k": 5, "which": "LA", "ncv": 0, "tol": 1e-6, "max_hvps": 300})
+      {"k": 5, "which": "LA", "ncv": 0, "tol": 1e-6, "max_hvps": 300,
+       "steps_per_call": 0, "check_residuals": True})
   # probes_per_call: probes in one batched pass (0: as many as memory holds).
   c.density = ml_collections.ConfigDict(
       {"num_probes": 4, "num_steps": 40, "grid_size": 1000, "sigma": 0.0,

@@ -37,12 +37,18 @@ def power(op, config, task, *, v0=None, **run):
           "eigenpairs": (np.array([r.eigenvalue]), vectors)}
 
 
+# config.lanczos.steps_per_call's special values.
+STEPS_PER_CALL = {0: "auto", -1: None}
+
+
 def lanczos(op, config, task, *, v0=None, **run):
   del task
   c = config.lanczos
   r = deeplanczos.lanczos(
       op, c.k, which=c.which, key=jax.random.key(config.seed),
-      ncv=c.ncv or None, tol=c.tol, max_hvps=c.max_hvps, v0=v0, **run)
+      ncv=c.ncv or None, tol=c.tol, max_hvps=c.max_hvps, v0=v0,
+      steps_per_call=STEPS_PER_CALL.get(c.steps_per_call, c.steps_per_call),
+      check_residuals=c.check_residuals, **run)
   return {"eigenvalues": r.eigenvalues, "residuals": r.residuals,
           "relative_residuals": r.residuals / np.abs(r.eigenvalues),
           "residual_estimates": r.residual_estimates,
@@ -191,6 +197,11 @@ def check(config):
   if config.method not in METHODS:
     raise ConfigError(f"config.method must be one of {sorted(METHODS)}; got "
                       f"{config.method!r}.")
+  steps = config.lanczos.steps_per_call
+  if not isinstance(steps, int) or steps < -1:
+    raise ConfigError("config.lanczos.steps_per_call must be 0 ('auto'), -1 "
+                      "(a step at a time) or a positive number of steps; got "
+                      f"{steps!r}.")
   if config.method == "trace" and config.trace.estimator not in ESTIMATORS:
     raise ConfigError(f"config.trace.estimator must be one of "
                       f"{sorted(ESTIMATORS)}; got {config.trace.estimator!r}.")
