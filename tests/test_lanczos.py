@@ -433,6 +433,29 @@ def test_convolutions_on_cpu_run_a_step_per_program():
   assert not streamed.loops_run_fast()
 
 
+def test_auto_keeps_to_the_operators_compiled_pass(mlp, monkeypatch):
+  """Once ``op.matvec`` has compiled the pass, 'auto' runs a step at a time
+  on it: a block program would compile the pass again."""
+  loss, params, batches, _, w, _ = mlp
+  calls = []
+  steps = lanczos_lib._steps  # pylint: disable=protected-access
+  monkeypatch.setattr(lanczos_lib, "_steps",
+                      lambda *a, **kw: calls.append(1) or steps(*a, **kw))
+  run = lambda op: deeplanczos.lanczos(op, 3, ncv=8, tol=1e-10,
+                                       show_pbar=False)
+  fresh = deeplanczos.HessianOperator(loss, params, batches)
+  blocks = run(fresh)
+  assert calls and fresh.pass_compiled() is False
+  calls.clear()
+  op = deeplanczos.HessianOperator(loss, params, batches)
+  op.matvec(op.random_vector(jax.random.key(0)))
+  assert op.pass_compiled() and op.with_params(params).pass_compiled()
+  again = run(op.with_params(params))
+  assert not calls
+  assert again.krylov_hvps == blocks.krylov_hvps
+  np.testing.assert_allclose(again.eigenvalues, w[::-1][:3], rtol=1e-9)
+
+
 def test_blocks_through_breakdown_and_repeated_eigenvalues():
   spectrum = [5, 5, 5, 3, 2, 2, 1, 0.5, 0.5, 0.1, -1, -1]
   loss, params, x, y, h = helpers.quadratic_problem(

@@ -651,14 +651,15 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
       re-checks in float64 and takes exactly the steps it would take one at
       a time); the explicit residual checks run in the same program.
       ``'auto'`` (the default) sizes the blocks to about a second each (so
-      a SIGTERM and the progress bar wait no longer) and keeps to single
-      steps where compiled loops are slow
-      (``HessianOperator.loops_run_fast``: XLA:CPU with convolutions); a
+      a SIGTERM and the progress bar wait no longer), and keeps to single
+      steps on the operator's pass where compiled loops are slow
+      (``HessianOperator.loops_run_fast``: XLA:CPU with convolutions) or
+      where ``op.matvec`` has compiled that pass already
+      (``HessianOperator.pass_compiled``: the block program holds its own
+      copy of the pass, which would cost the pass's compile again); a
       number fixes the block length; None runs a step at a time on the
       operator's own compiled pass (``op.matvec``), as streamed data always
-      does. The block program compiles its own copy of the pass (like the
-      power method's), so after ``op.matvec`` has compiled it a first call
-      costs that compile once more.
+      does.
     basis_dtype: the Krylov basis's dtype; by default the parameters' but
       at least float32 (products are taken in the parameters' dtypes; the
       scalars of ``T`` are float32 or wider). ``jnp.bfloat16`` halves the
@@ -700,7 +701,8 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
     raise ValueError("steps_per_call must be None, 'auto' or a positive "
                      f"integer; got {steps_per_call!r}.")
   pace = None
-  if steps_per_call == "auto" and op.loops_run_fast():
+  if (steps_per_call == "auto" and op.loops_run_fast()
+      and not op.pass_compiled()):
     pace = Pace(None)
   elif steps_per_call not in (None, "auto") and op.pass_program() is not None:
     pace = Pace(int(steps_per_call))

@@ -271,7 +271,8 @@ class HessianOperator:
     # batched_pass_bytes by count: compiled once, shared with with_params's
     # copies (the bytes do not depend on the parameters' values).
     self._pass_bytes = {}
-    self._loops_fast = {}  # loops_run_fast's answer, shared the same way
+    # Shared the same way: loops_run_fast's answer, whether the pass ran.
+    self._facts = {}
     if accumulate is None:
       accumulate = hvp_lib.choose_accumulate(self.shardings, self.mesh,
                                              data_axis)
@@ -438,6 +439,7 @@ class HessianOperator:
   def _device_pass(self, v):
     segments, padded, unroll = self._segments
     if self._whole is not None:
+      self._facts["pass_ran"] = True
       return self._whole(self.params, v, (segments, self._loss_rng))
     acc, stats = self._programs.start(v, weight_dtype=self._weight_dtype)
     for segment, is_padded, n in zip(segments, padded, unroll):
@@ -540,7 +542,7 @@ class HessianOperator:
     program = self.pass_program()
     if program is None:
       return False
-    if "fast" not in self._loops_fast:
+    if "fast" not in self._facts:
       fast = self.mesh.devices.flat[0].platform != "cpu"
       if not fast:
         pass_fn, data = program
@@ -549,8 +551,18 @@ class HessianOperator:
             self.template, self.shardings)
         text = _one.lower(self.params, v, data, pass_fn=pass_fn).as_text()
         fast = "stablehlo.convolution" not in text
-      self._loops_fast["fast"] = fast
-    return self._loops_fast["fast"]
+      self._facts["fast"] = fast
+    return self._facts["fast"]
+
+  def pass_compiled(self) -> bool:
+    """Whether :meth:`matvec` has run the whole-data pass as one compiled
+    program (on this operator or a :meth:`with_params` copy).
+
+    A method's own compiled loop (:meth:`pass_program`) holds another copy
+    of the pass, so after this the loop costs the pass's compile again:
+    minutes for a large model on a pod.
+    """
+    return bool(self._facts.get("pass_ran"))
 
   def account(self, stats, where: str = ""):
     """Counts one pass from its ``[count, loss, bad]``; raises if it was bad."""
