@@ -52,6 +52,23 @@ def zeros(template, size, shardings, dtype=None):
   return _zeros_program(treedef, specs, tuple(jax.tree.leaves(layout)))()
 
 
+def start_program(template, size, shardings, dtype=None):
+  """A jitted ``v -> (basis, v)``: :func:`zeros` with ``v`` in slot 0, and
+  ``v`` in the basis's dtype on ``shardings``, in one program (keep it: each
+  call of this function builds a new one)."""
+  specs = [((size, *t.shape), jnp.dtype(
+      tree_math.accumulation_dtype(t.dtype) if dtype is None else dtype))
+           for t in jax.tree.leaves(template)]
+  treedef = jax.tree.structure(template)
+  layout = sharding_lib.basis_shardings(template, shardings, size)
+
+  def make(v):
+    first = [x.astype(d) for (_, d), x in zip(specs, jax.tree.leaves(v))]
+    basis = [jnp.zeros(s, d).at[0].set(x) for (s, d), x in zip(specs, first)]
+    return treedef.unflatten(basis), treedef.unflatten(first)
+  return jax.jit(make, out_shardings=(layout, shardings))
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def put(basis, index, v):
   """``basis[index] = v``."""

@@ -178,10 +178,13 @@ def _near_breakdown(beta, theta, dtype_eps):
 def init(op, v0, *, size, max_hvps, k, key,
          basis_dtype=None) -> LanczosState:
   """The state before the first product: ``q_0 = v0`` (unit) in slot 0."""
-  basis = basis_lib.put(basis_lib.zeros(op.template, size + 1, op.shardings,
-                                        basis_dtype), 0, v0)
+  programs = op.remembered(("lanczos start", size, basis_dtype))
+  if "start" not in programs:
+    programs["start"] = basis_lib.start_program(op.template, size + 1,
+                                                op.shardings, basis_dtype)
+  basis, w = programs["start"](v0)
   return LanczosState(
-      basis=basis, w=basis_lib.get(basis, 0), t=np.zeros((size, size)), j=0,
+      basis=basis, w=w, t=np.zeros((size, size)), j=0,
       kept=0, block=0, beta=0.0, key=key, ritz=np.full((max_hvps, k), np.nan),
       num_steps=0, converged=False, exhausted=False)
 
@@ -301,8 +304,7 @@ def _steps(params, basis, data, t, j, count, arrow, may_converge, lam, check,
     slot = j + i
     w, c, beta = basis_lib.orthogonalize(basis, hv, slot + 1)
     c, beta = c.astype(dtype), beta.astype(dtype)
-    basis = basis_lib.put(basis, slot + 1, tree_math.tree_scale(
-        w, 1.0 / jnp.where(beta > 0, beta, 1.0)))
+    q = tree_math.tree_scale(w, 1.0 / jnp.where(beta > 0, beta, 1.0))
     coupling = jnp.where(i > 0, table[jnp.maximum(i - 1, 0), 3],
                          t[slot, slot - 1])
     row = jnp.where(index == slot - 1, coupling, t[slot])
@@ -313,22 +315,25 @@ def _steps(params, basis, data, t, j, count, arrow, may_converge, lam, check,
     entries = jnp.concatenate([jnp.stack([beta, near.astype(dtype)]),
                                values.astype(dtype)])
     del v
-    return basis, w, t, c, entries, (converged & may) | broken, may & ~near
+    return q, w, t, c, entries, (converged & may) | broken, may & ~near
 
   def residual(i, basis, t, table, may, v, hv):
     del table
     norm = _residual(hv, v, lam[j + i]).astype(dtype)
     entries = jnp.full((2 + opts.k,), jnp.nan, dtype).at[0].set(norm)
     w = jax.tree.map(lambda b, x: x.astype(b.dtype), v, hv)
-    return (basis, w, t, jnp.zeros((size + 1,), dtype), entries,
-            jnp.asarray(False), may)
+    return (basis_lib.get(basis, j + i + 1), w, t,
+            jnp.zeros((size + 1,), dtype), entries, jnp.asarray(False), may)
 
   def body(carry):
     i, basis, _, t, _, table, may, _ = carry
     v = basis_lib.get(basis, j + i)
     hv, stats = pass_fn(params, v, data)
-    basis, w, t, c, entries, stop, may = jax.lax.cond(
+    # The branches only read the basis (one that returned it would copy it
+    # every step); the next slot takes q (unchanged in check mode).
+    q, w, t, c, entries, stop, may = jax.lax.cond(
         check, residual, step, i, basis, t, table, may, v, hv)
+    basis = basis_lib.put(basis, j + i + 1, q)
     table = table.at[i].set(jnp.concatenate([stats.astype(dtype), entries]))
     return i + 1, basis, w, t, c, table, may, stop | (stats[2] >= 0)
 
@@ -347,16 +352,21 @@ def _steps(params, basis, data, t, j, count, arrow, may_converge, lam, check,
 class Pace:
   """How many steps each compiled block runs (``steps_per_call``).
 
-  Fixed (``steps``), or automatic (``steps=None``): one step, then as many
-  as took about ``seconds`` in the last block, so a block ends within about
-  that long of a SIGTERM and the progress bar moves as often; every process
-  runs process 0's count. ``loop`` is whether the blocks are compiled as a
-  loop (one program for every count) or as a single step.
+  Fixed (``steps``), or automatic (``steps=None``): as many as took about
+  ``seconds`` in the last block (the first block one step, unless
+  ``memory`` holds the time a step took in an earlier run), so a block
+  ends within about that long of a SIGTERM and the progress bar moves as
+  often; every process runs process 0's count. ``loop`` is whether the
+  blocks are compiled as a loop (one program for every count) or as a
+  single step.
   """
 
-  def __init__(self, steps: int | None, seconds: float = 1.0):
+  def __init__(self, steps: int | None, seconds: float = 1.0,
+               memory: dict | None = None):
     self.loop = steps is None or steps > 1
-    self._steps, self._seconds, self._per_step = steps, seconds, None
+    self._steps, self._seconds = steps, seconds
+    self._memory = {} if memory is None else memory
+    self._per_step = self._memory.get("per_step")
 
   def count(self) -> int:
     if self._steps is not None:
@@ -369,7 +379,7 @@ class Pace:
 
   def took(self, seconds: float, steps: int):
     if steps:
-      self._per_step = seconds / steps
+      self._per_step = self._memory["per_step"] = seconds / steps
 
 
 def block(op, state: LanczosState, opts: _Options, pace: Pace) -> LanczosState:
@@ -453,7 +463,7 @@ def thick_restart(basis, t, j, beta, w, coupling, opts: _Options):
   y = np.zeros((m + 1, m + 1))
   y[:m, :len(keep)] = s[:, keep]
   dtype = jax.tree.leaves(basis)[0].dtype
-  basis = basis_lib.rotate(basis, jnp.asarray(y, dtype))
+  basis = basis_lib.rotate(basis, np.asarray(y, dtype))
   l = len(keep)
   basis = basis_lib.put(basis, l, w)
   t = np.zeros_like(t)
@@ -526,7 +536,7 @@ def _checked_in_blocks(op, state, y, lam, opts: _Options, pace: Pace):
   square = np.zeros((opts.size + 1, opts.size + 1))
   square[:, :p] = y
   dtype = jax.tree.leaves(state.basis)[0].dtype
-  ritz_basis = basis_lib.rotate(state.basis, jnp.asarray(square, dtype))
+  ritz_basis = basis_lib.rotate(state.basis, np.asarray(square, dtype))
   padded = np.zeros(opts.size)
   padded[:p] = lam
   tables = []
@@ -584,7 +594,7 @@ def result(op, state: LanczosState, run: driver.Run,
   if opts.check_residuals and pace is not None:
     vectors, residuals = _checked_in_blocks(op, state, y, lam, opts, pace)
   else:
-    vectors = basis_lib.combine(state.basis, jnp.asarray(y, dtype))
+    vectors = basis_lib.combine(state.basis, np.asarray(y, dtype))
   vectors = sharding_lib.put(vectors, sharding_lib.stacked(op.shardings))
   if opts.check_residuals and pace is None:
     residuals = residual_norms(op, vectors, lam)
@@ -703,7 +713,9 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
   pace = None
   if (steps_per_call == "auto" and op.loops_run_fast()
       and not op.pass_compiled()):
-    pace = Pace(None)
+    # The step time is remembered on the operator (and its with_params
+    # copies) for each basis size: a later call starts with full blocks.
+    pace = Pace(None, memory=op.remembered(("lanczos steps", opts.size)))
   elif steps_per_call not in (None, "auto") and op.pass_program() is not None:
     pace = Pace(int(steps_per_call))
   state = init(op, power.unit_start(op, v0, key, "v0"), size=opts.size,

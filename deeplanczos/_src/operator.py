@@ -554,6 +554,11 @@ class HessianOperator:
       self._facts["fast"] = fast
     return self._facts["fast"]
 
+  def remembered(self, key) -> dict:
+    """A dict a method keeps under ``key`` across its runs on this operator
+    and its :meth:`with_params` copies (a block program's step time)."""
+    return self._facts.setdefault(("remembered", key), {})
+
   def pass_compiled(self) -> bool:
     """Whether :meth:`matvec` has run the whole-data pass as one compiled
     program (on this operator or a :meth:`with_params` copy).
@@ -608,5 +613,8 @@ class HessianOperator:
 
   def random_vector(self, key, *, kind: str = "normal", normalize=True):
     """A random vector on ``shardings``, generated sharded under ``jit``."""
-    return random_vector_fn(self.template, self.shardings, kind=kind,
-                            normalize=normalize)(key)
+    programs = self.remembered(("random vector", kind, normalize))
+    if "make" not in programs:
+      programs["make"] = random_vector_fn(self.template, self.shardings,
+                                          kind=kind, normalize=normalize)
+    return programs["make"](key)
