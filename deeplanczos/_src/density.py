@@ -67,10 +67,13 @@ def step(op, state: DensityState, keys, num_steps,
          probes_per_call: int = 1) -> DensityState:
   """The next probes: ``T`` from ``num_steps`` Lanczos steps on Rademacher
   vectors; its eigenvalues are the nodes, the squared first components the
-  weights. One probe, or up to ``probes_per_call`` in batched passes."""
+  weights. One probe, or up to ``probes_per_call`` in batched passes; a
+  single probe's steps run as one compiled loop where that pays
+  (:func:`lanczos.loops_pay`), else a step at a time on the operator's
+  pass."""
   p = state.done
   count = min(probes_per_call, len(keys) - p)
-  if count == 1:
+  if count == 1 and not lanczos_lib.loops_pay(op):
     probe = op.random_vector(keys[p], kind="rademacher")
     ts = [lanczos_lib.tridiagonalize(op, probe, num_steps).tridiagonal]
   else:

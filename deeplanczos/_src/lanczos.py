@@ -617,6 +617,16 @@ def result(op, state: LanczosState, run: driver.Run,
       residual_hvps=len(lam) * opts.check_residuals)
 
 
+def loops_pay(op) -> bool:
+  """Whether a method's compiled loop of steps beats a step at a time on
+  ``op.matvec``: compiled loops run fast (``op.loops_run_fast()``) and the
+  operator's own pass is not compiled yet (``op.pass_compiled()``: the loop
+  holds its own copy of the pass, whose compile would then be paid twice;
+  minutes for a large model on a pod, where a product takes seconds and
+  the loop saves nothing)."""
+  return op.loops_run_fast() and not op.pass_compiled()
+
+
 def default_ncv(k: int) -> int:
   """The basis size ``lanczos`` keeps for ``k`` pairs by default."""
   return max(2 * k + 1, 20)
@@ -711,8 +721,7 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
     raise ValueError("steps_per_call must be None, 'auto' or a positive "
                      f"integer; got {steps_per_call!r}.")
   pace = None
-  if (steps_per_call == "auto" and op.loops_run_fast()
-      and not op.pass_compiled()):
+  if steps_per_call == "auto" and loops_pay(op):
     # The step time is remembered on the operator (and its with_params
     # copies) for each basis size: a later call starts with full blocks.
     pace = Pace(None, memory=op.remembered(("lanczos steps", opts.size)))
