@@ -12,6 +12,7 @@ from deeplanczos._src import density as density_lib
 from deeplanczos._src import lanczos as lanczos_lib
 from deeplanczos._src import operator as operator_lib
 from deeplanczos._src import plan as plan_lib
+from deeplanczos._src import trace as trace_lib
 from tests import helpers
 
 
@@ -485,6 +486,49 @@ def test_trace_in_batched_passes_matches_one_product_at_a_time(
   assert many.num_hvps == one.num_hvps == next(iter(budget.values()))
   # Each sample is z^T H z for a Rademacher z of the dense Hessian's size.
   assert abs(many.estimate - np.trace(h)) < 4 * many.stderr + 1e-9
+
+
+@pytest.mark.parametrize("estimator,budget", [
+    (deeplanczos.hutchinson, {"num_probes": 9}),
+    (deeplanczos.hutchpp, {"num_hvps": 24})])
+def test_trace_in_compiled_loop_matches_streamed(mlp, monkeypatch, estimator,
+                                                 budget):
+  loss, params, batches, h, _, _ = mlp
+  calls, ranks = [], []
+  loop = trace_lib._products_loop  # pylint: disable=protected-access
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    out = loop(*args, **kwargs)
+    ranks.append(int(out[1]))
+    return out
+  monkeypatch.setattr(trace_lib, "_products_loop", counted)
+  # Streamed: a product and a host read at a time.
+  one = estimator(loss, params, batches, show_pbar=False,
+                  data_on_device=False, **budget)
+  assert not calls
+  op = deeplanczos.HessianOperator(loss, params, batches)
+  # On the devices the products of each phase run in compiled blocks: one
+  # product, then blocks of about a second (here the rest of the phase);
+  # a second call starts with full blocks (the step time remembered).
+  for _ in range(2):
+    many = estimator(op, show_pbar=False, **budget)
+    assert calls and many.num_hvps == one.num_hvps
+    np.testing.assert_allclose(many.samples, one.samples, rtol=1e-10)
+    np.testing.assert_allclose(many.estimate, one.estimate, rtol=1e-10)
+    assert abs(many.estimate - np.trace(h)) < 4 * many.stderr
+    calls.clear()
+  # Hutch++ with a sketch of smaller rank than asked (H S has rank 2): the
+  # loop keeps nothing of the third and fourth sketch products.
+  if estimator is deeplanczos.hutchpp:
+    loss, params, x, y, _ = helpers.quadratic_problem(
+        [6.0, 3.0, 0, 0, 0, 0, 0])
+    ranks.clear()
+    r = deeplanczos.hutchpp(loss, params, [(x, y)], num_hvps=12,
+                            show_pbar=False)
+    assert max(ranks) == 2
+    np.testing.assert_allclose(r.estimate, 9.0, rtol=1e-10)
+    np.testing.assert_allclose(r.samples, 0.0, atol=1e-10)
 
 
 def test_matvecs_of_streamed_data_are_one_pass_each(mlp):

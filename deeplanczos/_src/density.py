@@ -69,11 +69,11 @@ def step(op, state: DensityState, keys, num_steps,
   vectors; its eigenvalues are the nodes, the squared first components the
   weights. One probe, or up to ``probes_per_call`` in batched passes; a
   single probe's steps run as one compiled loop where that pays
-  (:func:`lanczos.loops_pay`), else a step at a time on the operator's
+  (:func:`driver.loops_pay`), else a step at a time on the operator's
   pass."""
   p = state.done
   count = min(probes_per_call, len(keys) - p)
-  if count == 1 and not lanczos_lib.loops_pay(op):
+  if count == 1 and not driver.loops_pay(op):
     probe = op.random_vector(keys[p], kind="rademacher")
     ts = [lanczos_lib.tridiagonalize(op, probe, num_steps).tridiagonal]
   else:
@@ -128,6 +128,9 @@ def spectral_density(op, *, num_probes: int = 8, num_steps: int = 64,
       memory. The nodes and weights are the same to rounding. ``'auto'``
       takes as many as half the free device memory holds, from the
       compiled pass's bytes and the bases' (``deeplanczos.probes_per_call``).
+      One probe at a time (the default) runs its steps as one compiled loop
+      where compiled loops run fast and ``op.matvec`` has not compiled the
+      pass already, else a step at a time on the operator's own program.
 
   Returns:
     A :class:`DensityResult`.

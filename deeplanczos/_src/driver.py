@@ -18,6 +18,9 @@ long run needs:
   current step and raises ``Preempted``; the previous handler is restored
   when the run ends, and told of a SIGTERM the run caught, so that a caller
   guarding a longer job sees it too.
+
+A method that runs many products in one compiled loop asks
+:func:`loops_pay` whether to, and :class:`Pace` how many to a block.
 """
 
 from collections.abc import Callable
@@ -237,3 +240,47 @@ def _save(checkpointer, step, state, seconds, hvps):
   arrays, host = split(state)
   checkpointer.save(step, arrays, {"host": host, "seconds": seconds,
                                    "hvps": hvps})
+
+
+def loops_pay(op) -> bool:
+  """Whether a method's compiled loop of steps beats a step at a time on
+  ``op.matvec``: compiled loops run fast (``op.loops_run_fast()``) and the
+  operator's own pass is not compiled yet (``op.pass_compiled()``: the loop
+  holds its own copy of the pass, whose compile would then be paid twice;
+  minutes for a large model on a pod, where a product takes seconds and
+  the loop saves nothing)."""
+  return op.loops_run_fast() and not op.pass_compiled()
+
+
+class Pace:
+  """How many steps each compiled block of a method runs (Lanczos's
+  ``steps_per_call``).
+
+  Fixed (``steps``), or automatic (``steps=None``): as many as took about
+  ``seconds`` in the last block (the first block one step, unless
+  ``memory`` holds the time a step took in an earlier run), so a block
+  ends within about that long of a SIGTERM and the progress bar moves as
+  often; every process runs process 0's count. ``loop`` is whether the
+  blocks are compiled as a loop (one program for every count) or as a
+  single step.
+  """
+
+  def __init__(self, steps: int | None, seconds: float = 1.0,
+               memory: dict | None = None):
+    self.loop = steps is None or steps > 1
+    self._steps, self._seconds = steps, seconds
+    self._memory = {} if memory is None else memory
+    self._per_step = self._memory.get("per_step")
+
+  def count(self) -> int:
+    if self._steps is not None:
+      return self._steps
+    n = 1 if self._per_step is None else max(
+        1, int(self._seconds / max(self._per_step, 1e-9)))
+    if jax.process_count() > 1:
+      n = int(multihost_utils.broadcast_one_to_all(np.int64(min(n, 2**40))))
+    return n
+
+  def took(self, seconds: float, steps: int):
+    if steps:
+      self._per_step = self._memory["per_step"] = seconds / steps

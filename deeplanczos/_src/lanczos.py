@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 import warnings
 
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -349,40 +348,8 @@ def _steps(params, basis, data, t, j, count, arrow, may_converge, lam, check,
   return basis, w, t, c, table
 
 
-class Pace:
-  """How many steps each compiled block runs (``steps_per_call``).
-
-  Fixed (``steps``), or automatic (``steps=None``): as many as took about
-  ``seconds`` in the last block (the first block one step, unless
-  ``memory`` holds the time a step took in an earlier run), so a block
-  ends within about that long of a SIGTERM and the progress bar moves as
-  often; every process runs process 0's count. ``loop`` is whether the
-  blocks are compiled as a loop (one program for every count) or as a
-  single step.
-  """
-
-  def __init__(self, steps: int | None, seconds: float = 1.0,
-               memory: dict | None = None):
-    self.loop = steps is None or steps > 1
-    self._steps, self._seconds = steps, seconds
-    self._memory = {} if memory is None else memory
-    self._per_step = self._memory.get("per_step")
-
-  def count(self) -> int:
-    if self._steps is not None:
-      return self._steps
-    n = 1 if self._per_step is None else max(
-        1, int(self._seconds / max(self._per_step, 1e-9)))
-    if jax.process_count() > 1:
-      n = int(multihost_utils.broadcast_one_to_all(np.int64(min(n, 2**40))))
-    return n
-
-  def took(self, seconds: float, steps: int):
-    if steps:
-      self._per_step = self._memory["per_step"] = seconds / steps
-
-
-def block(op, state: LanczosState, opts: _Options, pace: Pace) -> LanczosState:
+def block(op, state: LanczosState, opts: _Options,
+          pace: driver.Pace) -> LanczosState:
   """Steps in one program and one host read (data on the devices).
 
   The program stops itself after the step whose pairs it finds converged
@@ -500,7 +467,7 @@ def advance(op, state: LanczosState, opts: _Options) -> LanczosState:
 
 
 def step(op, state: LanczosState, opts: _Options,
-         pace: Pace | None = None) -> LanczosState:
+         pace: driver.Pace | None = None) -> LanczosState:
   """Places the pending vector (after the first step), then one product
   (``pace`` None: the data streams), or a block of them in one program
   (:func:`block`)."""
@@ -524,7 +491,7 @@ def residual_norms(op, vectors, lam) -> np.ndarray:
       basis_lib.get(vectors, i), lam[i]))) for i in range(len(lam))])
 
 
-def _checked_in_blocks(op, state, y, lam, opts: _Options, pace: Pace):
+def _checked_in_blocks(op, state, y, lam, opts: _Options, pace: driver.Pace):
   """The Ritz vectors ``Q y`` and their explicit residuals, by the block
   program in its ``check`` mode (the pass compiled once for both).
 
@@ -579,7 +546,7 @@ def warn_unconverged(name, k, lam, residuals, ok, tol, why):
 
 
 def result(op, state: LanczosState, run: driver.Run,
-           opts: _Options, pace: Pace | None = None) -> LanczosResult:
+           opts: _Options, pace: driver.Pace | None = None) -> LanczosResult:
   """Ritz pairs of the last ``T``, each checked with one more product.
 
   ``converged`` comes from those explicit residuals, not from the
@@ -615,16 +582,6 @@ def result(op, state: LanczosState, run: driver.Run,
       gap_ratio=float(lam[0] / lam[1]) if len(lam) > 1 and lam[1] else np.inf,
       loss=op.loss_value, krylov_hvps=run.num_hvps,
       residual_hvps=len(lam) * opts.check_residuals)
-
-
-def loops_pay(op) -> bool:
-  """Whether a method's compiled loop of steps beats a step at a time on
-  ``op.matvec``: compiled loops run fast (``op.loops_run_fast()``) and the
-  operator's own pass is not compiled yet (``op.pass_compiled()``: the loop
-  holds its own copy of the pass, whose compile would then be paid twice;
-  minutes for a large model on a pod, where a product takes seconds and
-  the loop saves nothing)."""
-  return op.loops_run_fast() and not op.pass_compiled()
 
 
 def default_ncv(k: int) -> int:
@@ -721,12 +678,13 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
     raise ValueError("steps_per_call must be None, 'auto' or a positive "
                      f"integer; got {steps_per_call!r}.")
   pace = None
-  if steps_per_call == "auto" and loops_pay(op):
+  if steps_per_call == "auto" and driver.loops_pay(op):
     # The step time is remembered on the operator (and its with_params
     # copies) for each basis size: a later call starts with full blocks.
-    pace = Pace(None, memory=op.remembered(("lanczos steps", opts.size)))
+    pace = driver.Pace(None,
+                       memory=op.remembered(("lanczos steps", opts.size)))
   elif steps_per_call not in (None, "auto") and op.pass_program() is not None:
-    pace = Pace(int(steps_per_call))
+    pace = driver.Pace(int(steps_per_call))
   state = init(op, power.unit_start(op, v0, key, "v0"), size=opts.size,
                max_hvps=max_hvps, k=k, key=key, basis_dtype=basis_dtype)
   method = driver.Method(

@@ -7,14 +7,18 @@ al., 2021) spends a third of its budget on a sketch ``Q = orth(H S)``, takes
 has a few large eigenvalues, as network Hessians do.
 """
 
+import functools
+import time
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from deeplanczos._src import api
 from deeplanczos._src import basis as basis_lib
 from deeplanczos._src import driver
+from deeplanczos._src import operator as operator_lib
 from deeplanczos._src import plan as plan_lib
 from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
@@ -76,6 +80,109 @@ def _forms(op, vectors, where):
   return list(sharding_lib.host_value(_vdots(stacked, hv)).astype(float))
 
 
+# The most products one call of the compiled loop runs (its keys are padded
+# to this many, so every call has the same shapes).
+_BLOCK = 64
+SKETCH, EXACT, PROBE = 0, 1, 2  # the phases of Hutch++ (Hutchinson: PROBE)
+
+
+@functools.partial(jax.jit, static_argnames=("pass_fn", "make"),
+                   donate_argnums=(2,))
+def _products_loop(params, data, q, keys, start, count, phase, rank, tiny, *,
+                   pass_fn, make):
+  """Up to ``count`` products of one phase in one compiled loop.
+
+  Product ``i`` is of: in ``SKETCH``, ``s = make(keys[i])``, whose product
+  orthogonalized against ``q[:rank]`` becomes ``q[rank]`` (and ``rank``
+  grows) unless less than ``tiny`` of its norm is left; in ``EXACT``, the
+  basis vector ``q[start + i]``; in ``PROBE``, ``make(keys[i])`` deflated by
+  ``q[:rank]``. The last slot of ``q`` is scratch, never part of the sketch.
+
+  Returns:
+    ``(q, rank, table)``: per product ``[count, loss, bad, v^T H v]``
+    ``(len(keys), 4)``, NaN after the last one run (a non-finite product
+    ends the loop).
+  """
+  template = jax.tree.map(lambda x: x.dtype, make.eval_shape(keys[0]))
+  scratch = jax.tree.leaves(q)[0].shape[0] - 1
+  dtype = tree_math.accumulation_dtype(jax.tree.leaves(q)[0].dtype)
+
+  def body(carry):
+    i, q, rank, table, _ = carry
+    z = make(keys[i])
+    v = jax.lax.switch(phase, [
+        lambda: z,
+        lambda: basis_lib.get(q, start + i),
+        lambda: basis_lib.orthogonalize(q, z, rank)[0]])
+    v = jax.tree.map(lambda x, d: x.astype(d), v, template)
+    hv, stats = pass_fn(params, v, data)
+
+    def sketch():  # the branch returns a vector, never the basis (a copy)
+      w, _, norm = basis_lib.orthogonalize(q, hv, rank)
+      w = tree_math.tree_scale(w, 1.0 / jnp.where(norm > 0, norm, 1.0))
+      return w, norm > tiny * tree_math.tree_norm(hv)
+    w, grows = jax.lax.cond(
+        phase == SKETCH, sketch,
+        lambda: (jax.tree.map(lambda b: jnp.zeros(b.shape[1:], b.dtype), q),
+                 jnp.asarray(False)))
+    q = basis_lib.put(q, jnp.where(phase == SKETCH, rank, scratch), w)
+    row = jnp.concatenate([stats.astype(dtype),
+                           tree_math.tree_vdot(v, hv).astype(dtype)[None]])
+    return (i + 1, q, rank + grows, table.at[i].set(row), stats[2] >= 0)
+
+  carry = (0, q, rank, jnp.full((keys.shape[0], 4), jnp.nan, dtype), False)
+  _, q, rank, table, _ = jax.lax.while_loop(
+      lambda c: (c[0] < count) & ~c[4], body, carry)
+  return q, rank, table
+
+
+class Loop(NamedTuple):
+  """A method's products in compiled blocks (where :func:`driver.loops_pay`).
+
+  Attributes:
+    pace: the block lengths (about a second each).
+    make: the Rademacher probes' program.
+    tiny: below ``tiny`` of its norm a sketch product adds nothing.
+  """
+  pace: driver.Pace
+  make: Any
+  tiny: float
+
+
+def _loop(op, tiny):
+  """A :class:`Loop` where compiled loops pay, else None."""
+  if not driver.loops_pay(op):
+    return None
+  make = operator_lib.random_vector_fn(op.template, op.shardings,
+                                       kind="rademacher", normalize=False)
+  return Loop(driver.Pace(None, memory=op.remembered("trace products")),
+              make, tiny)
+
+
+def _in_loop(op, loop: Loop, q, rank, keys, start, count, phase, name):
+  """Up to ``count`` products of ``phase`` from index ``start`` (of
+  ``keys``, or of ``q`` for ``EXACT``) in one program and one host read.
+
+  Returns:
+    ``(q, rank, forms)``: the forms ``v^T H v`` of the products run.
+  """
+  pass_fn, data = op.pass_program()
+  n = min(count, loop.pace.count(), _BLOCK)
+  index = np.minimum(np.arange(_BLOCK) + (0 if phase == EXACT else start),
+                     len(keys) - 1)
+  tick = time.perf_counter()
+  q, rank, table = _products_loop(
+      op.params, data, q, keys[index], np.int32(start), np.int32(n),
+      np.int32(phase), np.int32(rank), loop.tiny, pass_fn=pass_fn,
+      make=loop.make)
+  table = sharding_lib.host_value(table).astype(np.float64)
+  ran = int(np.sum(~np.isnan(table[:, 0])))
+  loop.pace.took(time.perf_counter() - tick, ran)
+  for i in range(ran):
+    op.account(table[i, :3], f"for {name} {start + i}")
+  return q, int(sharding_lib.host_value(rank)), table[:ran, 3]
+
+
 class HutchinsonState(NamedTuple):
   """``count`` samples ``z^T H z`` drawn, in ``samples`` (NaN beyond)."""
   samples: np.ndarray
@@ -83,15 +190,23 @@ class HutchinsonState(NamedTuple):
 
 
 def hutchinson_step(op, state: HutchinsonState, keys,
-                    per_call: int = 1) -> HutchinsonState:
+                    per_call: int = 1,
+                    loop: Loop | None = None) -> HutchinsonState:
   """Rademacher probes ``z``: the samples ``z^T H z``, ``E = tr(H)``.
 
-  One probe, or up to ``per_call`` of them as one batched pass
-  (:meth:`HessianOperator.matvecs`).
+  One probe, up to ``per_call`` of them as one batched pass
+  (:meth:`HessianOperator.matvecs`), or with ``loop`` (one at a time) a
+  block of them in one compiled loop (an empty sketch: one scratch slot).
   """
   i = state.count
-  n = min(per_call, len(state.samples) - i)
   samples = state.samples.copy()
+  if per_call == 1 and loop is not None:
+    scratch = basis_lib.zeros(op.template, 1, op.shardings)
+    _, _, forms = _in_loop(op, loop, scratch, 0, keys, i,
+                           len(samples) - i, PROBE, "probe")
+    samples[i:i + len(forms)] = forms
+    return HutchinsonState(samples, i + len(forms))
+  n = min(per_call, len(state.samples) - i)
   samples[i:i + n] = _forms(
       op, [op.random_vector(keys[i + j], kind="rademacher", normalize=False)
            for j in range(n)], _which("probe", i, n))
@@ -122,7 +237,11 @@ def hutchinson(op, *, num_probes: int = 30, key=None, show_pbar: bool = True,
       the products share it); memory grows with it (that many vectors and
       their tangents at once). The samples are the same to rounding.
       ``'auto'`` takes as many as half the free device memory holds, from
-      the compiled pass's bytes (``deeplanczos.probes_per_call``).
+      the compiled pass's bytes (``deeplanczos.probes_per_call``). One at a
+      time (the default) runs them in compiled blocks of about a second
+      (one program and one host read each) where compiled loops run fast
+      and ``op.matvec`` has not compiled the pass already, else a pass
+      each on the operator's own program.
   """
   if not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
     raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}.")
@@ -130,9 +249,10 @@ def hutchinson(op, *, num_probes: int = 30, key=None, show_pbar: bool = True,
       op, probes_per_call, num_probes, vectors=2)
   keys = jax.random.split(jax.random.key(0) if key is None else key,
                           num_probes)
+  loop = _loop(op, 0.0)
   method = driver.Method(
       name="Hutchinson",
-      step=lambda op, s: hutchinson_step(op, s, keys, probes_per_call),
+      step=lambda op, s: hutchinson_step(op, s, keys, probes_per_call, loop),
       done=lambda s: s.count == num_probes, planned_hvps=num_probes)
   state = HutchinsonState(np.full(num_probes, np.nan), 0)
   run = driver.run(op, method, state, checkpointer=checkpointer,
@@ -164,14 +284,19 @@ class HutchppState(NamedTuple):
   count: int
 
 
-def hutchpp_step(op, state: HutchppState, keys, sketch, tiny, per_call=1):
+def hutchpp_step(op, state: HutchppState, keys, sketch, tiny, per_call=1,
+                 loop: Loop | None = None):
   """Products of one phase: sketch vectors, exact terms, or deflated probes
-  (one, or up to ``per_call`` as one batched pass).
+  (one, up to ``per_call`` as one batched pass, or with ``loop`` a block of
+  them in one compiled loop).
 
   First ``Q = orth(H S)`` for Rademacher ``S`` (columns of negligible norm
   after orthogonalization are skipped: ``H S`` has a smaller rank), then
   ``tr(Q^T H Q)`` term by term, then Hutchinson on the deflated rest.
+  ``Q`` has a slot more than the sketch, scratch for the loop.
   """
+  if per_call == 1 and loop is not None:
+    return _hutchpp_in_loop(op, state, keys, sketch, loop)
   if state.sketched < sketch:
     i = state.sketched
     n = min(per_call, sketch - i)
@@ -204,6 +329,30 @@ def hutchpp_step(op, state: HutchppState, keys, sketch, tiny, per_call=1):
   return state._replace(samples=samples, count=i + n)
 
 
+def _hutchpp_in_loop(op, state: HutchppState, keys, sketch, loop: Loop):
+  """:func:`hutchpp_step` with its products in one compiled loop."""
+  q, rank = state.q, state.rank
+  if state.sketched < sketch:
+    i = state.sketched
+    q, rank, forms = _in_loop(op, loop, q, rank, keys, i, sketch - i, SKETCH,
+                              "sketch vector")
+    return state._replace(q=q, rank=rank, sketched=i + len(forms))
+  if state.summed < state.rank:
+    i = state.summed
+    q, _, forms = _in_loop(op, loop, q, rank, keys, i, rank - i, EXACT,
+                           "basis vector")
+    exact = state.exact
+    for form in forms:  # one at a time, as however the blocks fell
+      exact += float(form)
+    return state._replace(q=q, exact=exact, summed=i + len(forms))
+  i = state.count
+  q, _, forms = _in_loop(op, loop, q, rank, keys[sketch:], i,
+                         len(state.samples) - i, PROBE, "probe")
+  samples = state.samples.copy()
+  samples[i:i + len(forms)] = forms
+  return state._replace(q=q, samples=samples, count=i + len(forms))
+
+
 @api.takes_operator
 def hutchpp(op, *, num_hvps: int = 60, key=None, show_pbar: bool = True,
             checkpointer=None,
@@ -222,7 +371,8 @@ def hutchpp(op, *, num_hvps: int = 60, key=None, show_pbar: bool = True,
     checkpointer: a ``deeplanczos.checkpoint.Checkpointer``.
     probes_per_call: with the data on the devices, run up to this many
       products of a phase (sketch vectors, exact terms, probes) as one
-      batched pass, as :func:`hutchinson` does (``'auto'`` too).
+      batched pass, as :func:`hutchinson` does (``'auto'`` too); one at a
+      time, in compiled blocks where that pays, as there.
   """
   if not isinstance(num_hvps, (int, np.integer)) or num_hvps < 3:
     raise ValueError(f"num_hvps must be an integer of at least 3, got {num_hvps!r}.")
@@ -234,11 +384,13 @@ def hutchpp(op, *, num_hvps: int = 60, key=None, show_pbar: bool = True,
                           sketch + probes)
   dtype = jax.numpy.result_type(*jax.tree.leaves(op.template))
   tiny = 100 * float(jax.numpy.finfo(dtype).eps)
-  state = HutchppState(basis_lib.zeros(op.template, sketch, op.shardings),
+  state = HutchppState(basis_lib.zeros(op.template, sketch + 1, op.shardings),
                        0, 0, 0.0, 0, np.full(probes, np.nan), 0)
+  loop = _loop(op, tiny)
   method = driver.Method(
       name="Hutch++", step=lambda op, s: hutchpp_step(op, s, keys, sketch,
-                                                      tiny, probes_per_call),
+                                                      tiny, probes_per_call,
+                                                      loop),
       done=lambda s: s.count == probes, planned_hvps=num_hvps)
   run = driver.run(op, method, state, checkpointer=checkpointer,
                    show_pbar=show_pbar)
