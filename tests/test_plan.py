@@ -272,6 +272,15 @@ def test_bfloat16_parameters_end_to_end_against_the_dense_answer():
   np.testing.assert_allclose(power.eigenvalue, top[0], rtol=2e-2)
   assert {l.dtype for l in jax.tree.leaves(power.eigenvector)} == {
       jnp.dtype(jnp.bfloat16)}
+  # The trace and density in their compiled loops (bf16 products, float32
+  # sketch and bases).
+  assert not op.pass_compiled()
+  trace = deeplanczos.hutchpp(op, num_hvps=60, show_pbar=False)
+  assert abs(trace.estimate - np.trace(h)) < (4 * trace.stderr
+                                              + 2e-2 * abs(np.trace(h)))
+  density = deeplanczos.spectral_density(op, num_probes=2, num_steps=20,
+                                         show_pbar=False)
+  np.testing.assert_allclose(np.nanmax(density.nodes), top[0], rtol=2e-2)
 
 
 def test_layout_probe_traces_once_over_streamed_passes_and_operators():

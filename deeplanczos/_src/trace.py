@@ -103,18 +103,17 @@ def _products_loop(params, data, q, keys, start, count, phase, rank, tiny, *,
     ``(len(keys), 4)``, NaN after the last one run (a non-finite product
     ends the loop).
   """
-  template = jax.tree.map(lambda x: x.dtype, make.eval_shape(keys[0]))
   scratch = jax.tree.leaves(q)[0].shape[0] - 1
   dtype = tree_math.accumulation_dtype(jax.tree.leaves(q)[0].dtype)
 
   def body(carry):
     i, q, rank, table, _ = carry
     z = make(keys[i])
-    v = jax.lax.switch(phase, [
-        lambda: z,
+    like_q = lambda v: jax.tree.map(lambda x, b: x.astype(b.dtype), v, q)
+    v = jax.lax.switch(phase, [  # in the basis's dtypes, as step by step
+        lambda: like_q(z),
         lambda: basis_lib.get(q, start + i),
         lambda: basis_lib.orthogonalize(q, z, rank)[0]])
-    v = jax.tree.map(lambda x, d: x.astype(d), v, template)
     hv, stats = pass_fn(params, v, data)
 
     def sketch():  # the branch returns a vector, never the basis (a copy)
