@@ -457,6 +457,39 @@ def test_auto_keeps_to_the_operators_compiled_pass(mlp, monkeypatch):
   np.testing.assert_allclose(again.eigenvalues, w[::-1][:3], rtol=1e-9)
 
 
+def test_methods_on_one_operator_compile_the_pass_at_most_twice(
+    mlp, monkeypatch):
+  """The first method runs its own compiled loop; the others then share
+  op.matvec's program (each loop holds its own copy of the pass)."""
+  from deeplanczos._src import power as power_lib  # pylint: disable=g-import-not-at-top
+  loss, params, batches, h, w, _ = mlp
+  calls = []
+  for module, name in ((lanczos_lib, "_steps"),
+                       (lanczos_lib, "_tridiagonalize_loop"),
+                       (trace_lib, "_products_loop"),
+                       (power_lib, "_iterations")):
+    program = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, program=program, name=name,
+                        **kw: calls.append(name) or program(*a, **kw))
+  op = deeplanczos.HessianOperator(loss, params, batches)
+  for round_ in range(2):
+    calls.clear()
+    t = deeplanczos.hutchinson(op, num_probes=20, show_pbar=False)
+    assert set(calls) == {"_products_loop"}, round_
+    calls.clear()
+    r = deeplanczos.lanczos(op, 2, tol=1e-10, show_pbar=False)
+    d = deeplanczos.spectral_density(op, num_probes=2, num_steps=len(w),
+                                     show_pbar=False)
+    p = deeplanczos.power_iteration(op, num_iterations=300, tol=1e-12,
+                                    show_pbar=False)
+    assert not calls, round_
+    assert op.pass_programs() == {"trace", "matvec"}
+    assert abs(t.estimate - np.trace(h)) < 4 * t.stderr
+    np.testing.assert_allclose(r.eigenvalues, w[::-1][:2], rtol=1e-9)
+    assert np.nanmax(d.nodes) == pytest.approx(w.max(), rel=1e-9)
+    assert p.eigenvalue == pytest.approx(w[np.argmax(np.abs(w))], rel=1e-6)
+
+
 def test_blocks_through_breakdown_and_repeated_eigenvalues():
   spectrum = [5, 5, 5, 3, 2, 2, 1, 0.5, 0.5, 0.1, -1, -1]
   loss, params, x, y, h = helpers.quadratic_problem(

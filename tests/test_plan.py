@@ -272,14 +272,20 @@ def test_bfloat16_parameters_end_to_end_against_the_dense_answer():
   np.testing.assert_allclose(power.eigenvalue, top[0], rtol=2e-2)
   assert {l.dtype for l in jax.tree.leaves(power.eigenvector)} == {
       jnp.dtype(jnp.bfloat16)}
-  # The trace and density in their compiled loops (bf16 products, float32
-  # sketch and bases).
-  assert not op.pass_compiled()
-  trace = deeplanczos.hutchpp(op, num_hvps=60, show_pbar=False)
+  # Lanczos's blocks ran first: the power method took op.matvec's program.
+  assert op.pass_programs() == {"lanczos", "matvec"}
+  # The trace and density in their compiled loops on a fresh operator (bf16
+  # products, float32 sketch and bases).
+  fresh = deeplanczos.HessianOperator(loss, params, batches,
+                                      shardings=shardings)
+  trace = deeplanczos.hutchpp(fresh, num_hvps=60, show_pbar=False)
+  assert fresh.pass_programs() == {"trace"}
   assert abs(trace.estimate - np.trace(h)) < (4 * trace.stderr
                                               + 2e-2 * abs(np.trace(h)))
-  density = deeplanczos.spectral_density(op, num_probes=2, num_steps=20,
-                                         show_pbar=False)
+  density = deeplanczos.spectral_density(fresh.with_params(params),
+                                         num_probes=2, num_steps=20,
+                                         show_pbar=False, probes_per_call=2)
+  assert fresh.pass_programs() == {"trace", "slq"}
   np.testing.assert_allclose(np.nanmax(density.nodes), top[0], rtol=2e-2)
 
 

@@ -73,7 +73,7 @@ def step(op, state: DensityState, keys, num_steps,
   pass."""
   p = state.done
   count = min(probes_per_call, len(keys) - p)
-  if count == 1 and not driver.loops_pay(op):
+  if count == 1 and not driver.loops_pay(op, "slq"):
     probe = op.random_vector(keys[p], kind="rademacher")
     ts = [lanczos_lib.tridiagonalize(op, probe, num_steps).tridiagonal]
   else:
@@ -129,8 +129,9 @@ def spectral_density(op, *, num_probes: int = 8, num_steps: int = 64,
       takes as many as half the free device memory holds, from the
       compiled pass's bytes and the bases' (``deeplanczos.probes_per_call``).
       One probe at a time (the default) runs its steps as one compiled loop
-      where compiled loops run fast and ``op.matvec`` has not compiled the
-      pass already, else a step at a time on the operator's own program.
+      where ``driver.loops_pay`` (compiled loops run fast, and no other
+      compiled program holding the pass has run on the operator), else a
+      step at a time on ``op.matvec``'s program.
 
   Returns:
     A :class:`DensityResult`.

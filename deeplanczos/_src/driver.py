@@ -242,14 +242,19 @@ def _save(checkpointer, step, state, seconds, hvps):
                                    "hvps": hvps})
 
 
-def loops_pay(op) -> bool:
-  """Whether a method's compiled loop of steps beats a step at a time on
-  ``op.matvec``: compiled loops run fast (``op.loops_run_fast()``) and the
-  operator's own pass is not compiled yet (``op.pass_compiled()``: the loop
-  holds its own copy of the pass, whose compile would then be paid twice;
-  minutes for a large model on a pod, where a product takes seconds and
-  the loop saves nothing)."""
-  return op.loops_run_fast() and not op.pass_compiled()
+def loops_pay(op, name: str) -> bool:
+  """Whether method ``name`` runs its products in its own compiled loop
+  rather than a product at a time on ``op.matvec``'s program.
+
+  Where compiled loops run fast (``op.loops_run_fast()``), and either the
+  method's loop has run before or no compiled program holding the pass has
+  (``op.pass_programs()``): each such program holds its own copy of the
+  pass, so after another one the method shares ``op.matvec``'s (several
+  methods on one operator compile the pass at most twice; on a pod, where
+  a product takes seconds, a loop saves nothing and a compile minutes).
+  """
+  programs = op.pass_programs()
+  return op.loops_run_fast() and (name in programs or not programs)
 
 
 class Pace:

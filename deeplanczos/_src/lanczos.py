@@ -358,6 +358,7 @@ def block(op, state: LanczosState, opts: _Options,
   decides on the last in float64 as :func:`record` does step by step.
   """
   pass_fn, data = op.pass_program()
+  op.note_pass_program("lanczos")
   count = min(pace.count(), opts.size - state.j,
               len(state.ritz) - state.num_steps)
   tick = time.perf_counter()
@@ -499,6 +500,7 @@ def _checked_in_blocks(op, state, y, lam, opts: _Options, pace: driver.Pace):
     ``(vectors, residuals)``: the vectors stacked on a leading axis.
   """
   pass_fn, data = op.pass_program()
+  op.note_pass_program("lanczos")
   p = len(lam)
   square = np.zeros((opts.size + 1, opts.size + 1))
   square[:, :p] = y
@@ -631,12 +633,12 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
       a SIGTERM and the progress bar wait no longer), and keeps to single
       steps on the operator's pass where compiled loops are slow
       (``HessianOperator.loops_run_fast``: XLA:CPU with convolutions) or
-      where ``op.matvec`` has compiled that pass already
-      (``HessianOperator.pass_compiled``: the block program holds its own
-      copy of the pass, which would cost the pass's compile again); a
-      number fixes the block length; None runs a step at a time on the
-      operator's own compiled pass (``op.matvec``), as streamed data always
-      does.
+      where another compiled program holding the pass has run on the
+      operator (``op.matvec``'s, another method's loop:
+      ``driver.loops_pay``; the block program holds its own copy of the
+      pass, which would cost the pass's compile again); a number fixes the
+      block length; None runs a step at a time on the operator's own
+      compiled pass (``op.matvec``), as streamed data always does.
     basis_dtype: the Krylov basis's dtype; by default the parameters' but
       at least float32 (products are taken in the parameters' dtypes; the
       scalars of ``T`` are float32 or wider). ``jnp.bfloat16`` halves the
@@ -678,7 +680,7 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
     raise ValueError("steps_per_call must be None, 'auto' or a positive "
                      f"integer; got {steps_per_call!r}.")
   pace = None
-  if steps_per_call == "auto" and driver.loops_pay(op):
+  if steps_per_call == "auto" and driver.loops_pay(op, "lanczos"):
     # The step time is remembered on the operator (and its with_params
     # copies) for each basis size: a later call starts with full blocks.
     pace = driver.Pace(None,
@@ -827,6 +829,7 @@ def tridiagonalize_many(op: operator_lib.HessianOperator, probes,
   steps = np.full(count, num_steps)
   if op.loops_run_fast():
     pass_fn, data = op.pass_program()
+    op.note_pass_program("slq")
     table, stats = (sharding_lib.host_value(a).astype(np.float64)
                     for a in _tridiagonalize_loop(op.params, bases, data, tiny,
                                                   pass_fn=pass_fn,

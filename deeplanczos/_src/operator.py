@@ -439,7 +439,7 @@ class HessianOperator:
   def _device_pass(self, v):
     segments, padded, unroll = self._segments
     if self._whole is not None:
-      self._facts["pass_ran"] = True
+      self.note_pass_program("matvec")
       return self._whole(self.params, v, (segments, self._loss_rng))
     acc, stats = self._programs.start(v, weight_dtype=self._weight_dtype)
     for segment, is_padded, n in zip(segments, padded, unroll):
@@ -498,6 +498,7 @@ class HessianOperator:
           self.matvec(jax.tree.map(lambda a, i=i: a[i], vectors),
                       where=f"{where}, vector {i}") for i in range(count)])
     pass_fn, data = program
+    self.note_pass_program("matvecs")
     hv, stats = _many(self.params, vectors, data, pass_fn=pass_fn)
     for i, row in enumerate(sharding_lib.host_value(stats)):
       self.account(row, f"{where}, vector {i}")
@@ -559,15 +560,29 @@ class HessianOperator:
     and its :meth:`with_params` copies (a block program's step time)."""
     return self._facts.setdefault(("remembered", key), {})
 
+  def note_pass_program(self, name: str):
+    """Records that a compiled program holding the pass has run: ``name``
+    is ``'matvec'`` (:meth:`matvec`'s), ``'matvecs'`` (:meth:`matvecs`'s) or
+    a method's own loop (see :meth:`pass_programs`)."""
+    self._facts.setdefault("pass programs", set()).add(name)
+
+  def pass_programs(self) -> frozenset:
+    """The compiled programs holding the pass that have run on this
+    operator or a :meth:`with_params` copy.
+
+    Each holds its own copy of the pass, and compiling one costs the pass's
+    compile (minutes for a large model on a pod), so a method runs its own
+    compiled loop only while no other such program has run
+    (``driver.loops_pay``): several methods on one operator then compile
+    the pass at most twice, the first method's loop and :meth:`matvec`'s
+    program that the others share.
+    """
+    return frozenset(self._facts.get("pass programs", ()))
+
   def pass_compiled(self) -> bool:
     """Whether :meth:`matvec` has run the whole-data pass as one compiled
-    program (on this operator or a :meth:`with_params` copy).
-
-    A method's own compiled loop (:meth:`pass_program`) holds another copy
-    of the pass, so after this the loop costs the pass's compile again:
-    minutes for a large model on a pod.
-    """
-    return bool(self._facts.get("pass_ran"))
+    program (on this operator or a :meth:`with_params` copy)."""
+    return "matvec" in self.pass_programs()
 
   def account(self, stats, where: str = ""):
     """Counts one pass from its ``[count, loss, bad]``; raises if it was bad."""

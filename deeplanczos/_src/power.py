@@ -174,6 +174,7 @@ def steps(op, state: PowerState, *, tol: float | None, n: int) -> PowerState:
   the host reads the ``n`` iterations' numbers once.
   """
   pass_fn, data = op.pass_program()
+  op.note_pass_program("power")
   k = state.count
   previous = state.eigenvalues[k - 1] if k else np.nan
   v, rows = _iterations(op.params, state.v, data, np.float64(previous),
@@ -239,7 +240,11 @@ def power_iteration(op: operator_lib.HessianOperator, *,
       and one host read for all of them (XLA:CPU runs loop bodies without
       its fast kernels: it pays there for dense layers, not convolutions).
       The numbers are the same to rounding; checkpoints and the progress
-      bar then advance by that many.
+      bar then advance by that many. At 1, an iteration runs on
+      ``op.matvec``'s program instead where another compiled program
+      holding the pass has run on the operator (``op.pass_programs()``:
+      each holds its own copy of the pass, whose compile a large model
+      pays in minutes).
 
   Returns:
     A :class:`PowerResult`.
@@ -258,7 +263,10 @@ def power_iteration(op: operator_lib.HessianOperator, *,
     raise ValueError(f"tol must be a non-negative number, got {tol!r}.")
   _check_count("iterations_per_call", iterations_per_call)
   one = lambda op, s: step(op, s, tol=tol)
-  if op.pass_program() is not None:  # one program and one host read a call
+  programs = op.pass_programs()
+  if op.pass_program() is not None and (
+      iterations_per_call > 1 or "power" in programs or not programs):
+    # One program and one host read a call: the pass and the update.
     one = lambda op, s: steps(
         op, s, tol=tol, n=min(iterations_per_call, num_iterations - s.count))
   method = driver.Method(

@@ -150,7 +150,7 @@ class Loop(NamedTuple):
 
 def _loop(op, tiny):
   """A :class:`Loop` where compiled loops pay, else None."""
-  if not driver.loops_pay(op):
+  if not driver.loops_pay(op, "trace"):
     return None
   make = operator_lib.random_vector_fn(op.template, op.shardings,
                                        kind="rademacher", normalize=False)
@@ -170,6 +170,7 @@ def _in_loop(op, loop: Loop, q, rank, keys, start, count, phase, name):
   index = np.minimum(np.arange(_BLOCK) + (0 if phase == EXACT else start),
                      len(keys) - 1)
   tick = time.perf_counter()
+  op.note_pass_program("trace")
   q, rank, table = _products_loop(
       op.params, data, q, keys[index], np.int32(start), np.int32(n),
       np.int32(phase), np.int32(rank), loop.tiny, pass_fn=pass_fn,
@@ -238,9 +239,10 @@ def hutchinson(op, *, num_probes: int = 30, key=None, show_pbar: bool = True,
       ``'auto'`` takes as many as half the free device memory holds, from
       the compiled pass's bytes (``deeplanczos.probes_per_call``). One at a
       time (the default) runs them in compiled blocks of about a second
-      (one program and one host read each) where compiled loops run fast
-      and ``op.matvec`` has not compiled the pass already, else a pass
-      each on the operator's own program.
+      (one program and one host read each) where ``driver.loops_pay``
+      (compiled loops run fast, and no other compiled program holding the
+      pass has run on the operator), else a pass each on ``op.matvec``'s
+      program.
   """
   if not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
     raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}.")
