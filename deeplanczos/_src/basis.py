@@ -24,11 +24,17 @@ def _zeros_program(treedef, specs, shardings):
   return jax.jit(make, out_shardings=treedef.unflatten(shardings))
 
 
+def _specs(template, lead, dtype):
+  """Each leaf's basis shape (``lead`` axes first) and dtype: ``dtype``, by
+  default the leaf's but at least float32."""
+  return tuple(((*lead, *t.shape), jnp.dtype(
+      tree_math.accumulation_dtype(t.dtype) if dtype is None else dtype))
+               for t in jax.tree.leaves(template))
+
+
 def zeros_stack(template, count, size, shardings, dtype=None):
   """``count`` all-zero bases (a leading axis), each as :func:`zeros` makes."""
-  specs = tuple(((count, size, *t.shape), jnp.dtype(
-      tree_math.accumulation_dtype(t.dtype) if dtype is None else dtype))
-                for t in jax.tree.leaves(template))
+  specs = _specs(template, (count, size), dtype)
   layout = sharding_lib.stacked(sharding_lib.basis_shardings(
       template, shardings, size))
   return _zeros_program(jax.tree.structure(template), specs,
@@ -44,9 +50,7 @@ def zeros(template, size, shardings, dtype=None):
   cached on the shapes, dtypes and shardings, so a second run of a method
   compiles nothing.
   """
-  specs = tuple(((size, *t.shape), jnp.dtype(
-      tree_math.accumulation_dtype(t.dtype) if dtype is None else dtype))
-                for t in jax.tree.leaves(template))
+  specs = _specs(template, (size,), dtype)
   treedef = jax.tree.structure(template)
   layout = sharding_lib.basis_shardings(template, shardings, size)
   return _zeros_program(treedef, specs, tuple(jax.tree.leaves(layout)))()
@@ -56,9 +60,7 @@ def start_program(template, size, shardings, dtype=None):
   """A jitted ``v -> (basis, v)``: :func:`zeros` with ``v`` in slot 0, and
   ``v`` in the basis's dtype on ``shardings``, in one program (keep it: each
   call of this function builds a new one)."""
-  specs = [((size, *t.shape), jnp.dtype(
-      tree_math.accumulation_dtype(t.dtype) if dtype is None else dtype))
-           for t in jax.tree.leaves(template)]
+  specs = _specs(template, (size,), dtype)
   treedef = jax.tree.structure(template)
   layout = sharding_lib.basis_shardings(template, shardings, size)
 

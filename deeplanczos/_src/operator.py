@@ -271,7 +271,8 @@ class HessianOperator:
     # batched_pass_bytes by count: compiled once, shared with with_params's
     # copies (the bytes do not depend on the parameters' values).
     self._pass_bytes = {}
-    # Shared the same way: loops_run_fast's answer, whether the pass ran.
+    # Shared the same way: loops_run_fast's answer, the compiled programs
+    # holding the pass that have run, what methods remember (remembered).
     self._facts = {}
     if accumulate is None:
       accumulate = hvp_lib.choose_accumulate(self.shardings, self.mesh,
@@ -578,11 +579,6 @@ class HessianOperator:
     program that the others share.
     """
     return frozenset(self._facts.get("pass programs", ()))
-
-  def pass_compiled(self) -> bool:
-    """Whether :meth:`matvec` has run the whole-data pass as one compiled
-    program (on this operator or a :meth:`with_params` copy)."""
-    return "matvec" in self.pass_programs()
 
   def account(self, stats, where: str = ""):
     """Counts one pass from its ``[count, loss, bad]``; raises if it was bad."""
