@@ -2,6 +2,7 @@
 the devices, one reduction per pass, compiled power loops, warm starts."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -40,6 +41,33 @@ def test_second_call_and_new_parameters_compile_nothing():
   top, _ = dense_top(base, moved, x, y)
   np.testing.assert_allclose([hist["eigenvalue"][-1], lam], top, rtol=1e-6)
   assert op.num_matvecs == 0  # with_params gave a new operator
+
+
+def test_products_compile_once_however_the_vector_is_placed():
+  base, params, x, y = helpers.mlp_problem()
+  traces = []
+
+  def loss(p, xb, yb):
+    traces.append(xb.shape)
+    return base(p, xb, yb)
+
+  op = deeplanczos.HessianOperator(loss, params, [(x, y)])
+  ones = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), params)
+  want = helpers.flat(op.matvec(ones))  # numpy: never placed
+  first = len(traces)
+  # An array on the default device but not committed to it, one out of a
+  # program, and Lanczos's own vectors (on its basis's layout) share the
+  # program the numpy vector compiled.
+  got = [op.matvec(jax.tree.map(jnp.asarray, ones)),
+         op.matvec(jax.jit(lambda v: v)(ones))]
+  r = deeplanczos.lanczos(op, 2, tol=1e-10, show_pbar=False,
+                          steps_per_call=None)
+  assert len(traces) == first and op.pass_programs() == {"matvec"}
+  for hv in got:
+    np.testing.assert_array_equal(helpers.flat(hv), want)
+  h, _ = helpers.dense_hessian(base, params, x, y)
+  np.testing.assert_allclose(r.eigenvalues, np.linalg.eigvalsh(h)[::-1][:2],
+                             rtol=1e-9)
 
 
 @pytest.mark.parametrize("mesh_shape", [None, (8, 1), (4, 2)])

@@ -478,6 +478,7 @@ class HessianOperator:
     """
     if self._on_device is not False and self._segments is None:
       self._load(where)
+    v = sharding_lib.put(v, self.shardings)  # one compile for any placement
     if self._segments is not None:
       hv, stats = self._device_pass(v)
     else:
@@ -500,6 +501,7 @@ class HessianOperator:
                       where=f"{where}, vector {i}") for i in range(count)])
     pass_fn, data = program
     self.note_pass_program("matvecs")
+    vectors = sharding_lib.put(vectors, sharding_lib.stacked(self.shardings))
     hv, stats = _many(self.params, vectors, data, pass_fn=pass_fn)
     for i, row in enumerate(sharding_lib.host_value(stats)):
       self.account(row, f"{where}, vector {i}")

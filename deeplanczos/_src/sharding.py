@@ -255,10 +255,13 @@ def put(tree, shardings):
 
   Host values (numpy, or arrays on a local device) are assumed identical on
   every process; each process only copies the shards its devices hold.
+  Every leaf comes back committed to its sharding: ``jit`` compiles a
+  program again for an argument that is not (numpy, or an array that was
+  never placed), even when its data sits on the same device.
   """
   def one(x, s):
     if isinstance(x, jax.Array):
-      if x.sharding.is_equivalent_to(s, x.ndim):
+      if x.committed and x.sharding.is_equivalent_to(s, x.ndim):
         return x
       if not x.is_fully_addressable:
         return jax.jit(lambda a: a, out_shardings=s)(x)
