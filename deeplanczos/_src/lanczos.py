@@ -176,12 +176,17 @@ def _near_breakdown(beta, theta, dtype_eps):
 
 def init(op, v0, *, size, max_hvps, k, key,
          basis_dtype=None) -> LanczosState:
-  """The state before the first product: ``q_0 = v0`` (unit) in slot 0."""
+  """The state before the first product: ``q_0 = v0`` (unit) in slot 0, or
+  with ``v0`` None a random unit vector from ``key`` (as
+  ``op.random_vector``), drawn in the same program."""
   programs = op.remembered(("lanczos start", size, basis_dtype))
-  if "start" not in programs:
-    programs["start"] = basis_lib.start_program(op.template, size + 1,
-                                                op.shardings, basis_dtype)
-  basis, w = programs["start"](v0)
+  name = "start" if v0 is not None else "random start"
+  if name not in programs:
+    programs[name] = basis_lib.start_program(
+        op.template, size + 1, op.shardings, basis_dtype,
+        draw=None if v0 is not None else operator_lib.random_draw(
+            op.template, op.shardings))
+  basis, w = programs[name](key if v0 is None else v0)
   return LanczosState(
       basis=basis, w=w, t=np.zeros((size, size)), j=0,
       kept=0, block=0, beta=0.0, key=key, ritz=np.full((max_hvps, k), np.nan),
@@ -269,11 +274,15 @@ def _test(t, a, beta, opts: _Options):
   return converged, near, beta <= opts.tiny * top, values
 
 
-@functools.partial(jax.jit, static_argnames=("pass_fn", "opts", "loop"),
+@functools.partial(jax.jit,
+                   static_argnames=("pass_fn", "opts", "loop", "packing"),
                    donate_argnums=(1,))
-def _steps(params, basis, data, t, j, count, arrow, may_converge, lam, check,
-           *, pass_fn, opts, loop):
+def _steps(params, basis, w, place, data, t, j, count, arrow, may_converge,
+           lam, check, *, pass_fn, opts, loop, packing):
   """Up to ``count`` Lanczos steps from slot ``j`` in one program.
+
+  With ``place`` non-zero, slot ``j`` first takes ``place * w`` (the
+  placement :func:`advance` leaves to the program).
 
   Step ``i`` computes ``w = H q_{j+i}`` (one full pass), orthogonalizes it
   against slots ``0..j+i``, places ``q_{j+i+1} = w / beta`` and fills ``T``
@@ -294,7 +303,14 @@ def _steps(params, basis, data, t, j, count, arrow, may_converge, lam, check,
     ``(m + 1,)``, and per step ``[count, loss, bad, beta, near, ritz_1..k]``
     ``(m, 5 + k)``: the pass's numbers, ``||w||``, whether it was a
     near-breakdown, and the wanted Ritz values; NaN after the last step.
+    The steps work on the basis packed by ``packing``
+    (:class:`basis.Packing`).
   """
+  basis = packing.pack(basis, lead=1)
+  first = jax.tree.map(
+      lambda b, x: jnp.where(place != 0, (x * place).astype(b.dtype), b[j]),
+      basis, packing.pack(w))
+  basis = basis_lib.put(basis, j, first)
   size = opts.size
   dtype = tree_math.accumulation_dtype(jax.tree.leaves(basis)[0].dtype)
   index = jnp.arange(size)
@@ -327,7 +343,8 @@ def _steps(params, basis, data, t, j, count, arrow, may_converge, lam, check,
   def body(carry):
     i, basis, _, t, _, table, may, _ = carry
     v = basis_lib.get(basis, j + i)
-    hv, stats = pass_fn(params, v, data)
+    hv, stats = pass_fn(params, packing.unpack(v), data)
+    hv = packing.pack(hv)
     # The branches only read the basis (one that returned it would copy it
     # every step); the next slot takes q (unchanged in check mode).
     q, w, t, c, entries, stop, may = jax.lax.cond(
@@ -345,7 +362,7 @@ def _steps(params, basis, data, t, j, count, arrow, may_converge, lam, check,
   else:  # one step: XLA:CPU runs loop bodies without its fast kernels
     carry = body(carry)
   _, basis, w, t, c, table, _, _ = carry
-  return basis, w, t, c, table
+  return packing.unpack(basis, lead=1), packing.unpack(w), t, c, table
 
 
 def block(op, state: LanczosState, opts: _Options,
@@ -357,16 +374,23 @@ def block(op, state: LanczosState, opts: _Options,
   every step but the last (wanted Ritz values, near-breakdowns), and
   decides on the last in float64 as :func:`record` does step by step.
   """
+  place = 0.0
+  if state.num_steps:
+    if _plain_advance(state, opts):  # the program places q_{j+1}
+      place = 1.0 / state.beta
+    state = advance(op, state, opts, place=not place)
   pass_fn, data = op.pass_program()
   op.note_pass_program("lanczos")
   count = min(pace.count(), opts.size - state.j,
               len(state.ritz) - state.num_steps)
   tick = time.perf_counter()
   basis, w, t, c, table = _steps(
-      op.params, state.basis, data, state.t, np.int32(state.j),
+      op.params, state.basis, state.w, place, data, state.t,
+      np.int32(state.j),
       np.int32(count), np.bool_(state.j == state.kept and state.j > 0),
       np.bool_(state.block == 0), np.zeros(opts.size), np.bool_(False),
-      pass_fn=pass_fn, opts=opts, loop=pace.loop)
+      pass_fn=pass_fn, opts=opts, loop=pace.loop,
+      packing=basis_lib.packing(op.template, op.shardings, state.basis))
   t, c, table = (sharding_lib.host_value(a).astype(np.float64)
                  for a in (t, c, table))
   ran = int(np.sum(~np.isnan(table[:, 0])))
@@ -418,7 +442,7 @@ def thick_restart(basis, t, j, beta, w, coupling, opts: _Options):
     t: ``T``, ``(m, m)``.
     j: the last slot, ``m - 1``.
     beta: ``||w||`` before normalization (for the Ritz residuals).
-    w: the unit next vector.
+    w: the unit next vector, or None to leave slot ``l`` to the caller.
     coupling: ``T[j, j+1]``: ``beta``, or 0 after a breakdown.
     opts: the run's options.
 
@@ -433,19 +457,29 @@ def thick_restart(basis, t, j, beta, w, coupling, opts: _Options):
   dtype = jax.tree.leaves(basis)[0].dtype
   basis = basis_lib.rotate(basis, np.asarray(y, dtype))
   l = len(keep)
-  basis = basis_lib.put(basis, l, w)
+  if w is not None:
+    basis = basis_lib.put(basis, l, w)
   t = np.zeros_like(t)
   t[np.arange(l), np.arange(l)] = theta[keep]
   t[:l, l] = t[l, :l] = coupling * s[-1, keep]
   return basis, t, l
 
 
-def advance(op, state: LanczosState, opts: _Options) -> LanczosState:
+def _plain_advance(state: LanczosState, opts: _Options) -> bool:
+  """Whether :func:`advance`'s next vector is ``w / beta`` (no breakdown)."""
+  theta, _, _ = ritz(state.t, state.j, state.beta)
+  return state.beta > opts.tiny * max(np.abs(theta).max(), 1e-300)
+
+
+def advance(op, state: LanczosState, opts: _Options,
+            place: bool = True) -> LanczosState:
   """Puts the next basis vector in place: ``q_{j+1} = w / beta``.
 
   After a near-breakdown a new block starts; after a breakdown the next
   vector comes from :func:`continue_after_breakdown`; a full basis is
-  restarted by :func:`thick_restart`.
+  restarted by :func:`thick_restart`. Without ``place`` (only for a
+  :func:`_plain_advance`), the next vector is left out of its slot, the
+  new ``j``, for a block program to place.
   """
   j, t = state.j, state.t.copy()
   theta, _, _ = ritz(t, j, state.beta)
@@ -456,12 +490,14 @@ def advance(op, state: LanczosState, opts: _Options) -> LanczosState:
   if state.beta <= opts.tiny * tnorm:
     w, key = continue_after_breakdown(op, state.basis, j + 1, key)
     coupling = 0.0
-  else:
+  elif place:
     w, coupling = basis_lib.scale(state.w, 1.0 / state.beta), state.beta
+  else:
+    w, coupling = None, state.beta
   if j + 1 < opts.size:
     t[j, j + 1] = t[j + 1, j] = coupling
-    return state._replace(basis=basis_lib.put(state.basis, j + 1, w), t=t,
-                          j=j + 1, block=block, key=key)
+    basis = basis_lib.put(state.basis, j + 1, w) if place else state.basis
+    return state._replace(basis=basis, t=t, j=j + 1, block=block, key=key)
   basis, t, l = thick_restart(state.basis, t, j, state.beta, w, coupling,
                               opts)
   return state._replace(basis=basis, t=t, j=l, kept=l, block=0, key=key)
@@ -472,10 +508,10 @@ def step(op, state: LanczosState, opts: _Options,
   """Places the pending vector (after the first step), then one product
   (``pace`` None: the data streams), or a block of them in one program
   (:func:`block`)."""
-  if state.num_steps:
-    state = advance(op, state, opts)
   if pace is not None:
     return block(op, state, opts, pace)
+  if state.num_steps:
+    state = advance(op, state, opts)
   return expand(op, state, opts)
 
 
@@ -509,12 +545,14 @@ def _checked_in_blocks(op, state, y, lam, opts: _Options, pace: driver.Pace):
   padded = np.zeros(opts.size)
   padded[:p] = lam
   tables = []
+  packing = basis_lib.packing(op.template, op.shardings, ritz_basis)
   for start in range(0, p, p if pace.loop else 1):
     ritz_basis, _, _, _, table = _steps(
-        op.params, ritz_basis, data, np.zeros((opts.size, opts.size)),
+        op.params, ritz_basis, state.w, 0.0, data,
+        np.zeros((opts.size, opts.size)),
         np.int32(start), np.int32(p - start if pace.loop else 1),
         np.bool_(False), np.bool_(False), padded, np.bool_(True),
-        pass_fn=pass_fn, opts=opts, loop=pace.loop)
+        pass_fn=pass_fn, opts=opts, loop=pace.loop, packing=packing)
     tables.append(table)
   rows = np.concatenate([sharding_lib.host_value(t).astype(np.float64)[
       :p if pace.loop else 1] for t in tables])
@@ -687,7 +725,8 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
                        memory=op.remembered(("lanczos steps", opts.size)))
   elif steps_per_call not in (None, "auto") and op.pass_program() is not None:
     pace = driver.Pace(int(steps_per_call))
-  state = init(op, power.unit_start(op, v0, key, "v0"), size=opts.size,
+  v0 = None if v0 is None else power.unit_start(op, v0, key, "v0")
+  state = init(op, v0, size=opts.size,
                max_hvps=max_hvps, k=k, key=key, basis_dtype=basis_dtype)
   method = driver.Method(
       name=f"lanczos {which} k={k}",

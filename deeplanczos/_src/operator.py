@@ -82,19 +82,27 @@ def _per_device_output(loss, uses_rng, mesh, data_axis, params_spec,
 _DRAWN_TOGETHER = 2**16
 
 
-@functools.lru_cache(maxsize=64)
-def _random_fn(spec, shardings, kind, normalize):
-  treedef, shapes = spec
+def random_draw(template, shardings, kind="normal"):
+  """``key -> vector``, :func:`random_vector_fn`'s draw before its scaling,
+  to trace inside another program."""
+  leaves = jax.tree.leaves(template)
   sampler = (jax.random.rademacher if kind == "rademacher"
              else jax.random.normal)
   together = tuple(
       "replicated" if s.is_fully_replicated and math.prod(
           l.shape) <= _DRAWN_TOGETHER else None
-      for s, l in zip(shardings, shapes))
+      for s, l in zip(jax.tree.leaves(shardings), leaves))
+  return lambda key: tree_math.tree_random(key, template, sampler, together)
+
+
+@functools.lru_cache(maxsize=64)
+def _random_fn(spec, shardings, kind, normalize):
+  treedef, shapes = spec
+  draw = random_draw(treedef.unflatten(shapes), treedef.unflatten(shardings),
+                     kind)
 
   def make(key):
-    v = tree_math.tree_random(key, treedef.unflatten(shapes), sampler,
-                              together)
+    v = draw(key)
     if normalize:
       v = tree_math.tree_scale(v, 1.0 / tree_math.tree_norm(v))
     return v
