@@ -491,6 +491,57 @@ def test_methods_on_one_operator_compile_the_pass_at_most_twice(
     assert p.eigenvalue == pytest.approx(w[np.argmax(np.abs(w))], rel=1e-6)
 
 
+def test_packed_blocks_on_one_device_match_step_by_step(mlp):
+  loss, params, batches, h, w, _ = mlp
+  mesh = deeplanczos.make_mesh([("data", -1), ("model", 1)], jax.devices()[:1])
+  op = deeplanczos.HessianOperator(loss, params, batches, mesh=mesh)
+  # On one device every leaf is small and whole: one packed group.
+  packing = basis_lib.packing(op.template, op.shardings, basis_lib.zeros(
+      op.template, 10, op.shardings))
+  assert [sorted(g) for g in packing.groups] == [
+      list(range(len(jax.tree.leaves(params))))]
+  one = deeplanczos.lanczos(loss, params, batches, 4, ncv=9, tol=1e-10,
+                            max_hvps=400, show_pbar=False,
+                            data_on_device=False, mesh=mesh)
+  for steps in (3, "auto"):
+    r = deeplanczos.lanczos(op, 4, ncv=9, tol=1e-10, max_hvps=400,
+                            show_pbar=False, steps_per_call=steps)
+    assert r.converged and r.krylov_hvps == one.krylov_hvps > 9  # restarts
+    np.testing.assert_allclose(r.eigenvalues, w[::-1][:4], rtol=1e-9)
+    np.testing.assert_allclose(r.ritz_history, one.ritz_history, rtol=1e-9)
+    for i, v in enumerate(unstack(r.eigenvectors, 4)):
+      assert np.linalg.norm(h @ v - r.eigenvalues[i] * v) <= 1e-9 * w[-1]
+  # The random start, drawn in the start program, is op.random_vector's.
+  given = deeplanczos.lanczos(op, 4, ncv=9, tol=1e-10, max_hvps=400,
+                              show_pbar=False,
+                              v0=op.random_vector(jax.random.key(0)))
+  np.testing.assert_allclose(given.ritz_history, one.ritz_history, rtol=1e-9)
+
+
+def test_packing_leaves_split_leaves_alone():
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  split = jax.sharding.NamedSharding(mesh,
+                                     jax.sharding.PartitionSpec("model"))
+  template = {"a": np.zeros((3, 5)), "b": np.zeros(6, np.float32),
+              "c": np.zeros(8), "d": np.zeros(7), "e": np.zeros(3, np.float32)}
+  shardings = {"a": rep, "b": rep, "c": split, "d": rep, "e": rep}
+  layout = [jax.ShapeDtypeStruct((4, *t.shape), t.dtype, sharding=rep)
+            for t in jax.tree.leaves(template)]
+  layout[2] = jax.ShapeDtypeStruct((4, 8), np.float64, sharding=split)
+  packing = basis_lib.packing(template, shardings, layout)
+  # Leaves in order a, b, c, d, e: c is split over the model axis.
+  assert packing.groups == ((0, 3), (1, 4))
+  rng = np.random.default_rng(0)
+  stack = jax.tree.map(lambda t: rng.normal(size=(4, *t.shape)).astype(
+      t.dtype), template)
+  groups, others = packing.pack(stack, lead=1)
+  assert [g.shape for g in groups] == [(4, 22), (4, 9)]
+  assert len(others) == 1 and others[0] is stack["c"]
+  back = packing.unpack((groups, others), lead=1)
+  jax.tree.map(np.testing.assert_array_equal, back, stack)
+
+
 def test_blocks_through_breakdown_and_repeated_eigenvalues():
   spectrum = [5, 5, 5, 3, 2, 2, 1, 0.5, 0.5, 0.1, -1, -1]
   loss, params, x, y, h = helpers.quadratic_problem(
