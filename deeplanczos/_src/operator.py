@@ -129,6 +129,19 @@ def random_vector_fn(template, shardings, *, kind="normal", normalize=True):
                     normalize)
 
 
+def _primitives(jaxpr) -> set[str]:
+  """The names of the primitives in ``jaxpr`` and the jaxprs it calls."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, "eqns"):
+          names |= _primitives(sub)
+  return names
+
+
 class PassFn(NamedTuple):
   """A whole pass over data on the devices: ``fn(params, v, data)``.
 
@@ -549,7 +562,8 @@ class HessianOperator:
     fast convolution kernels (11x slower per product on the digits CNN);
     dense layers and attention run as fast there (the small Transformer
     faster), and GPUs and TPUs run loops at full speed. Decided once, from
-    the lowered pass (nothing compiles), and False when the data streams.
+    the traced pass (nothing lowers or compiles; the trace is the one the
+    compiled programs reuse), and False when the data streams.
     """
     program = self.pass_program()
     if program is None:
@@ -561,8 +575,8 @@ class HessianOperator:
         v = jax.tree.map(
             lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
             self.template, self.shardings)
-        text = _one.lower(self.params, v, data, pass_fn=pass_fn).as_text()
-        fast = "stablehlo.convolution" not in text
+        traced = _one.trace(self.params, v, data, pass_fn=pass_fn)
+        fast = "conv_general_dilated" not in _primitives(traced.jaxpr.jaxpr)
       self._facts["fast"] = fast
     return self._facts["fast"]
 
