@@ -24,6 +24,13 @@ def mlp():
   return loss, params, helpers.batches_of(x, y, [16, 16, 16, 12]), h, w, u
 
 
+def one_device():
+  """A mesh of one device: every small leaf whole there, so the compiled
+  loops pack them all (``basis.Packing``)."""
+  return {"mesh": deeplanczos.make_mesh([("data", -1), ("model", 1)],
+                                        jax.devices()[:1])}
+
+
 def unstack(vectors, k):
   return [helpers.flat(jax.tree.map(lambda a, i=i: a[i], vectors))
           for i in range(k)]
@@ -493,8 +500,7 @@ def test_methods_on_one_operator_compile_the_pass_at_most_twice(
 
 def test_packed_blocks_on_one_device_match_step_by_step(mlp):
   loss, params, batches, h, w, _ = mlp
-  mesh = deeplanczos.make_mesh([("data", -1), ("model", 1)], jax.devices()[:1])
-  op = deeplanczos.HessianOperator(loss, params, batches, mesh=mesh)
+  op = deeplanczos.HessianOperator(loss, params, batches, **one_device())
   # On one device every leaf is small and whole: one packed group.
   packing = basis_lib.packing(op.template, op.shardings, basis_lib.zeros(
       op.template, 10, op.shardings))
@@ -502,7 +508,7 @@ def test_packed_blocks_on_one_device_match_step_by_step(mlp):
       list(range(len(jax.tree.leaves(params))))]
   one = deeplanczos.lanczos(loss, params, batches, 4, ncv=9, tol=1e-10,
                             max_hvps=400, show_pbar=False,
-                            data_on_device=False, mesh=mesh)
+                            data_on_device=False, **one_device())
   for steps in (3, "auto"):
     r = deeplanczos.lanczos(op, 4, ncv=9, tol=1e-10, max_hvps=400,
                             show_pbar=False, steps_per_call=steps)
@@ -576,8 +582,9 @@ def test_trace_in_batched_passes_matches_one_product_at_a_time(
 @pytest.mark.parametrize("estimator,budget", [
     (deeplanczos.hutchinson, {"num_probes": 9}),
     (deeplanczos.hutchpp, {"num_hvps": 24})])
+@pytest.mark.parametrize("on", [{}, one_device()])
 def test_trace_in_compiled_loop_matches_streamed(mlp, monkeypatch, estimator,
-                                                 budget):
+                                                 budget, on):
   loss, params, batches, h, _, _ = mlp
   calls, ranks = [], []
   loop = trace_lib._products_loop  # pylint: disable=protected-access
@@ -590,9 +597,9 @@ def test_trace_in_compiled_loop_matches_streamed(mlp, monkeypatch, estimator,
   monkeypatch.setattr(trace_lib, "_products_loop", counted)
   # Streamed: a product and a host read at a time.
   one = estimator(loss, params, batches, show_pbar=False,
-                  data_on_device=False, **budget)
+                  data_on_device=False, **budget, **on)
   assert not calls
-  op = deeplanczos.HessianOperator(loss, params, batches)
+  op = deeplanczos.HessianOperator(loss, params, batches, **on)
   # On the devices the products of each phase run in compiled blocks: one
   # product, then blocks of about a second (here the rest of the phase);
   # a second call starts with full blocks (the step time remembered).
@@ -627,13 +634,15 @@ def test_matvecs_of_streamed_data_are_one_pass_each(mlp):
                              2 * h @ helpers.flat(params), rtol=1e-10)
 
 
-def test_slq_in_batched_passes_matches_one_probe_at_a_time(mlp):
+@pytest.mark.parametrize("on", [{}, one_device()])
+def test_slq_in_batched_passes_matches_one_probe_at_a_time(mlp, on):
   loss, params, batches, _, w, _ = mlp
   # Streamed: one probe at a time, a product and a host read a step.
   one = deeplanczos.spectral_density(loss, params, batches, num_probes=5,
                                      num_steps=len(w), key=jax.random.key(1),
-                                     show_pbar=False, data_on_device=False)
-  op = deeplanczos.HessianOperator(loss, params, batches)
+                                     show_pbar=False, data_on_device=False,
+                                     **on)
+  op = deeplanczos.HessianOperator(loss, params, batches, **on)
   assert op.loops_run_fast()
   # On the devices every probe's steps are one compiled loop: one probe at a
   # time, and 3 at a time (a batch of 3 and one of 2) where the probes break

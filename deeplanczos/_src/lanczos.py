@@ -805,9 +805,12 @@ def _step_many(bases, w, count, keep):
   return bases, jnp.stack([c[:, count - 1], beta], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("pass_fn", "num_steps"))
-def _tridiagonalize_loop(params, bases, data, tiny, *, pass_fn, num_steps):
-  """:func:`tridiagonalize_many`'s steps as one compiled loop.
+@functools.partial(jax.jit,
+                   static_argnames=("pass_fn", "num_steps", "packing"))
+def _tridiagonalize_loop(params, bases, data, tiny, *, pass_fn, num_steps,
+                         packing):
+  """:func:`tridiagonalize_many`'s steps as one compiled loop, on the bases
+  packed by ``packing`` (:class:`basis.Packing`).
 
   Returns:
     ``(table, stats)``: per step and probe ``[alpha, beta, kept]``
@@ -818,12 +821,14 @@ def _tridiagonalize_loop(params, bases, data, tiny, *, pass_fn, num_steps):
   """
   count = jax.tree.leaves(bases)[0].shape[0]
   dtype = tree_math.accumulation_dtype(jax.tree.leaves(bases)[0].dtype)
+  bases = packing.pack(bases, lead=2)
 
   def body(carry):
     j, bases, keep, top, table, rows, _ = carry
     w, stats = jax.vmap(pass_fn, in_axes=(None, 0, None))(
-        params, jax.tree.map(lambda b: b[:, j], bases), data)
-    bases, entries = _step_many(bases, w, j + 1, keep)
+        params, packing.unpack(jax.tree.map(lambda b: b[:, j], bases),
+                               lead=1), data)
+    bases, entries = _step_many(bases, packing.pack(w, lead=1), j + 1, keep)
     entries = entries.astype(dtype)
     top = jnp.maximum(top, jnp.abs(entries[:, 0]))
     broken = keep & (entries[:, 1] <= tiny * top) & (j + 1 < num_steps)
@@ -870,9 +875,10 @@ def tridiagonalize_many(op: operator_lib.HessianOperator, probes,
     pass_fn, data = op.pass_program()
     op.note_pass_program("slq")
     table, stats = (sharding_lib.host_value(a).astype(np.float64)
-                    for a in _tridiagonalize_loop(op.params, bases, data, tiny,
-                                                  pass_fn=pass_fn,
-                                                  num_steps=num_steps))
+                    for a in _tridiagonalize_loop(
+                        op.params, bases, data, tiny, pass_fn=pass_fn,
+                        num_steps=num_steps, packing=basis_lib.packing(
+                            op.template, op.shardings, bases)))
     for j in range(num_steps):
       if np.isnan(stats[j, 0, 0]):
         break

@@ -86,10 +86,10 @@ _BLOCK = 64
 SKETCH, EXACT, PROBE = 0, 1, 2  # the phases of Hutch++ (Hutchinson: PROBE)
 
 
-@functools.partial(jax.jit, static_argnames=("pass_fn", "make"),
+@functools.partial(jax.jit, static_argnames=("pass_fn", "make", "packing"),
                    donate_argnums=(2,))
 def _products_loop(params, data, q, keys, start, count, phase, rank, tiny, *,
-                   pass_fn, make):
+                   pass_fn, make, packing):
   """Up to ``count`` products of one phase in one compiled loop.
 
   Product ``i`` is of: in ``SKETCH``, ``s = make(keys[i])``, whose product
@@ -101,20 +101,23 @@ def _products_loop(params, data, q, keys, start, count, phase, rank, tiny, *,
   Returns:
     ``(q, rank, table)``: per product ``[count, loss, bad, v^T H v]``
     ``(len(keys), 4)``, NaN after the last one run (a non-finite product
-    ends the loop).
+    ends the loop). The products work on ``q`` packed by ``packing``
+    (:class:`basis.Packing`).
   """
+  q = packing.pack(q, lead=1)
   scratch = jax.tree.leaves(q)[0].shape[0] - 1
   dtype = tree_math.accumulation_dtype(jax.tree.leaves(q)[0].dtype)
 
   def body(carry):
     i, q, rank, table, _ = carry
-    z = make(keys[i])
+    z = packing.pack(make(keys[i]))
     like_q = lambda v: jax.tree.map(lambda x, b: x.astype(b.dtype), v, q)
     v = jax.lax.switch(phase, [  # in the basis's dtypes, as step by step
         lambda: like_q(z),
         lambda: basis_lib.get(q, start + i),
         lambda: basis_lib.orthogonalize(q, z, rank)[0]])
-    hv, stats = pass_fn(params, v, data)
+    hv, stats = pass_fn(params, packing.unpack(v), data)
+    hv = packing.pack(hv)
 
     def sketch():  # the branch returns a vector, never the basis (a copy)
       w, _, norm = basis_lib.orthogonalize(q, hv, rank)
@@ -132,7 +135,7 @@ def _products_loop(params, data, q, keys, start, count, phase, rank, tiny, *,
   carry = (0, q, rank, jnp.full((keys.shape[0], 4), jnp.nan, dtype), False)
   _, q, rank, table, _ = jax.lax.while_loop(
       lambda c: (c[0] < count) & ~c[4], body, carry)
-  return q, rank, table
+  return packing.unpack(q, lead=1), rank, table
 
 
 class Loop(NamedTuple):
@@ -174,7 +177,7 @@ def _in_loop(op, loop: Loop, q, rank, keys, start, count, phase, name):
   q, rank, table = _products_loop(
       op.params, data, q, keys[index], np.int32(start), np.int32(n),
       np.int32(phase), np.int32(rank), loop.tiny, pass_fn=pass_fn,
-      make=loop.make)
+      make=loop.make, packing=basis_lib.packing(op.template, op.shardings, q))
   table = sharding_lib.host_value(table).astype(np.float64)
   ran = int(np.sum(~np.isnan(table[:, 0])))
   loop.pace.took(time.perf_counter() - tick, ran)
