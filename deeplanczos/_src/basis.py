@@ -202,18 +202,23 @@ def _subtract(basis, v, c):
   return jax.tree.map(leaf, basis, v)
 
 
-@jax.jit
-def orthogonalize(basis, v, count):
+@functools.partial(jax.jit, static_argnames="packing")
+def orthogonalize(basis, v, count, packing=None):
   """Removes from ``v`` its components along ``basis[:count]``.
 
   Classical Gram-Schmidt applied twice ("twice is enough"), so ``v`` is
-  orthogonal to the slots to working precision.
+  orthogonal to the slots to working precision. With ``packing`` (a
+  :class:`Packing`), on the basis and ``v`` packed, ``w`` unpacked.
 
   Returns:
     ``(w, c, norm)``: the orthogonalized vector (in the basis's dtypes),
     the total coefficients
     ``c_i = <basis_i, v>`` (zero for slots ``>= count``), and ``||w||``.
   """
+  if packing is not None:
+    w, c, norm = orthogonalize(packing.pack(basis, lead=1), packing.pack(v),
+                               count)
+    return packing.unpack(w), c, norm
   v = jax.tree.map(lambda b, x: x.astype(b.dtype), basis, v)
   size = jax.tree.leaves(basis)[0].shape[0]
   mask = jnp.arange(size) < count

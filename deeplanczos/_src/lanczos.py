@@ -202,7 +202,9 @@ def expand(op, state: LanczosState, opts: _Options) -> LanczosState:
   j = state.j
   w = op.matvec(basis_lib.get(state.basis, j),
                 where=f"at Lanczos step {state.num_steps}")
-  w, c, beta = basis_lib.orthogonalize(state.basis, w, j + 1)
+  w, c, beta = basis_lib.orthogonalize(
+      state.basis, w, j + 1,
+      packing=basis_lib.packing(op.template, op.shardings, state.basis))
   c = sharding_lib.host_value(c).astype(np.float64)
   beta = float(sharding_lib.host_value(beta))
   return record(state._replace(w=w), c, beta, opts)
@@ -515,17 +517,21 @@ def step(op, state: LanczosState, opts: _Options,
   return expand(op, state, opts)
 
 
-@jax.jit
-def _residual(hv, v, lam):
-  """``||Hv - lambda v||``."""
+@functools.partial(jax.jit, static_argnames="packing")
+def _residual(hv, v, lam, packing=None):
+  """``||Hv - lambda v||``, on the vectors packed by ``packing`` if any."""
+  if packing is not None:
+    hv, v = packing.pack(hv), packing.pack(v)
   return tree_math.tree_norm(tree_math.tree_axpy(-lam, v, hv))
 
 
 def residual_norms(op, vectors, lam) -> np.ndarray:
   """``||H v_i - lambda_i v_i||`` for stacked vectors, one product each."""
+  packing = basis_lib.packing(op.template, op.shardings, vectors)
   return np.array([float(sharding_lib.host_value(_residual(
       op.matvec(basis_lib.get(vectors, i), where=f"for eigenpair {i}"),
-      basis_lib.get(vectors, i), lam[i]))) for i in range(len(lam))])
+      basis_lib.get(vectors, i), lam[i], packing)))
+                   for i in range(len(lam))])
 
 
 def _checked_in_blocks(op, state, y, lam, opts: _Options, pace: driver.Pace):
