@@ -34,15 +34,6 @@ def _specs(template, lead, dtype):
                for t in jax.tree.leaves(template))
 
 
-def zeros_stack(template, count, size, shardings, dtype=None):
-  """``count`` all-zero bases (a leading axis), each as :func:`zeros` makes."""
-  specs = _specs(template, (count, size), dtype)
-  layout = sharding_lib.stacked(sharding_lib.basis_shardings(
-      template, shardings, size))
-  return _zeros_program(jax.tree.structure(template), specs,
-                        tuple(jax.tree.leaves(layout)))()
-
-
 def zeros(template, size, shardings, dtype=None):
   """An all-zero basis of ``size`` vectors like ``template``.
 
@@ -95,6 +86,29 @@ def start_program(template, size, shardings, dtype=None, draw=None):
     return treedef.unflatten(basis), treedef.unflatten(first)
   return jax.jit(make, out_shardings=(layout, shardings),
                  compiler_options=once)
+
+
+def stack_start_program(template, count, size, shardings, draw):
+  """A jitted ``keys -> bases``: ``count`` bases (a leading axis), each as
+  :func:`zeros` makes it, base ``i`` with ``draw(keys[i])`` scaled to unit
+  norm in slot 0, in one program (keep it: each call builds a new one)."""
+  specs = _specs(template, (count, size), None)
+  treedef = jax.tree.structure(template)
+  layout = sharding_lib.stacked(sharding_lib.basis_shardings(
+      template, shardings, size))
+  pack = packing(template, shardings, [
+      jax.ShapeDtypeStruct(s, d, sharding=l)
+      for (s, d), l in zip(specs, jax.tree.leaves(layout))])
+
+  def unit(key):
+    v = draw(key)
+    return tree_math.tree_scale(v, 1.0 / tree_math.tree_norm(pack.pack(v)))
+
+  def make(keys):
+    first = jax.tree.leaves(jax.vmap(unit)(keys))
+    return treedef.unflatten([jnp.zeros(s, d).at[:, 0].set(x.astype(d))
+                              for (s, d), x in zip(specs, first)])
+  return jax.jit(make, out_shardings=layout)
 
 
 # Leaves up to this size are small: a program may pack them (below).

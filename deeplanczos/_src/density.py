@@ -12,7 +12,6 @@ node by a Gaussian gives a smooth density (Ghorbani et al., 2019).
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from deeplanczos._src import api
@@ -77,10 +76,7 @@ def step(op, state: DensityState, keys, num_steps,
     probe = op.random_vector(keys[p], kind="rademacher")
     ts = [lanczos_lib.tridiagonalize(op, probe, num_steps).tridiagonal]
   else:
-    probes = jax.tree.map(lambda *a: jnp.stack(a), *[
-        op.random_vector(keys[p + i], kind="rademacher")
-        for i in range(count)])
-    ts = lanczos_lib.tridiagonalize_many(op, probes, num_steps)
+    ts = lanczos_lib.tridiagonalize_many(op, keys[p:p + count], num_steps)
   nodes, weights = state.nodes.copy(), state.weights.copy()
   for i, t in enumerate(ts):
     theta, s = np.linalg.eigh(t)

@@ -791,14 +791,6 @@ def tridiagonalize(op: operator_lib.HessianOperator, v0,
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _start_many(bases, vectors):
-  """Slot 0 of every basis: the probes scaled to unit norm."""
-  norms = jax.vmap(tree_math.tree_norm)(vectors)
-  return jax.vmap(lambda b, v, n: basis_lib.put(
-      b, 0, tree_math.tree_scale(v, 1.0 / n)))(bases, vectors, norms)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
 def _step_many(bases, w, count, keep):
   """Reorthogonalizes each probe's product; the next slots, and ``T``'s
   entries. Probes past a breakdown (``keep`` False) get a zero vector."""
@@ -851,9 +843,12 @@ def _tridiagonalize_loop(params, bases, data, tiny, *, pass_fn, num_steps,
   return carry[4], carry[5]
 
 
-def tridiagonalize_many(op: operator_lib.HessianOperator, probes,
+def tridiagonalize_many(op: operator_lib.HessianOperator, keys,
                         num_steps: int) -> list[np.ndarray]:
-  """:func:`tridiagonalize` for a stack of probes, products in one pass each.
+  """:func:`tridiagonalize` for Rademacher probes, products in one pass each.
+
+  Probe ``i`` is ``op.random_vector(keys[i], kind='rademacher')``, drawn,
+  scaled and placed in its basis in one program (kept on the operator).
 
   Every step is one batched pass over the data for all probes
   (``op.matvecs``: the data is read once, the products share it); where
@@ -863,17 +858,21 @@ def tridiagonalize_many(op: operator_lib.HessianOperator, probes,
 
   Args:
     op: the operator.
-    probes: vectors stacked on a leading axis (``P`` probes).
+    keys: ``P`` PRNG keys, one per probe.
     num_steps: Lanczos steps per probe.
 
   Returns:
     ``P`` tridiagonal matrices, each truncated at its probe's breakdown.
   """
-  count = jax.tree.leaves(probes)[0].shape[0]
+  count = len(keys)
   num_steps = min(num_steps, tree_math.tree_size(op.template))
   size = num_steps + 1
-  bases = _start_many(basis_lib.zeros_stack(op.template, count, size,
-                                            op.shardings), probes)
+  programs = op.remembered(("slq start", count, size))
+  if "start" not in programs:
+    programs["start"] = basis_lib.stack_start_program(
+        op.template, count, size, op.shardings, operator_lib.random_draw(
+            op.template, op.shardings, "rademacher"))
+  bases = programs["start"](keys)
   tiny = 100 * float(jnp.finfo(jax.tree.leaves(bases)[0].dtype).eps)
   t = np.zeros((count, num_steps, num_steps))
   steps = np.full(count, num_steps)
