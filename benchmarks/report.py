@@ -9,6 +9,7 @@ and package versions:
   scaling            seconds per iteration against parameters and data
   lanczos            HVPs to converge: Lanczos, scipy eigsh, power + deflation
   peers              top-5 and top-20 eigenpairs against every peer
+  first_call         each method's first call: compile beyond the operator's
   memory             per-device memory on meshes of 8 fake devices
   processes          time per iteration with 1 and 2 processes on 127.0.0.1
   large_model        a 63M-parameter Transformer, FSDP on 8 fake devices
@@ -35,7 +36,7 @@ from benchmarks import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARTS = ("hvp_cost", "pyhessian_compare", "scaling", "lanczos", "peers",
-         "memory", "processes", "large_model", "scale_compile", "precision",
+         "first_call", "memory", "processes", "large_model", "scale_compile", "precision",
          "probes")
 RESULT = {"pyhessian_compare": "pyhessian"}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
