@@ -178,15 +178,16 @@ def init(op, v0, *, size, max_hvps, k, key,
          basis_dtype=None) -> LanczosState:
   """The state before the first product: ``q_0 = v0`` (unit) in slot 0, or
   with ``v0`` None a random unit vector from ``key`` (as
-  ``op.random_vector``), drawn in the same program."""
+  ``op.random_vector``; scaled in the program that places it)."""
   programs = op.remembered(("lanczos start", size, basis_dtype))
   name = "start" if v0 is not None else "random start"
   if name not in programs:
     programs[name] = basis_lib.start_program(
         op.template, size + 1, op.shardings, basis_dtype,
-        draw=None if v0 is not None else operator_lib.random_draw(
-            op.template, op.shardings))
-  basis, w = programs[name](key if v0 is None else v0)
+        normalize=v0 is None)
+  if v0 is None:
+    v0 = op.random_vector(key, normalize=False)
+  basis, w = programs[name](v0)
   return LanczosState(
       basis=basis, w=w, t=np.zeros((size, size)), j=0,
       kept=0, block=0, beta=0.0, key=key, ritz=np.full((max_hvps, k), np.nan),
