@@ -117,7 +117,7 @@ class Packing(NamedTuple):
   """Small replicated leaves kept as one flat array inside a program.
 
   XLA compiles every per-leaf operation of a program on its own (on
-  XLA:CPU about 15-20 ms each), and runs each as its own kernel; a model's
+  XLA:CPU about 15-80 ms each), and runs each as its own kernel; a model's
   many small leaves (biases, norm scales, a small model's every leaf) make
   a Lanczos step's reorthogonalization, norm and updates cost dozens of
   them. A program that packs them concatenates each group (one per dtype)
@@ -227,10 +227,14 @@ def orthogonalize(basis, v, count, packing=None):
     the total coefficients
     ``c_i = <basis_i, v>`` (zero for slots ``>= count``), and ``||w||``.
   """
-  if packing is not None:
-    w, c, norm = orthogonalize(packing.pack(basis, lead=1), packing.pack(v),
-                               count)
-    return packing.unpack(w), c, norm
+  if packing is None:
+    return _orthogonalize(basis, v, count)
+  w, c, norm = _orthogonalize(packing.pack(basis, lead=1), packing.pack(v),
+                              count)
+  return packing.unpack(w), c, norm
+
+
+def _orthogonalize(basis, v, count):
   v = jax.tree.map(lambda b, x: x.astype(b.dtype), basis, v)
   size = jax.tree.leaves(basis)[0].shape[0]
   mask = jnp.arange(size) < count
