@@ -1,6 +1,7 @@
 """Device meshes and shardings, always passed explicitly (no global mesh)."""
 
 from collections.abc import Callable, Sequence
+import functools
 import math
 
 import flax.linen as nn
@@ -250,6 +251,13 @@ def check_params(params):
           "out of the parameters (pass it through the loss instead).")
 
 
+@functools.lru_cache(maxsize=4096)
+def _equivalent(a, b, ndim: int) -> bool:
+  """``a.is_equivalent_to(b, ndim)``, remembered: :func:`put` asks it for
+  every leaf of every product's vector."""
+  return a.is_equivalent_to(b, ndim)
+
+
 def put(tree, shardings):
   """Places every leaf of ``tree`` on its sharding, on one or many hosts.
 
@@ -261,7 +269,7 @@ def put(tree, shardings):
   """
   def one(x, s):
     if isinstance(x, jax.Array):
-      if x.committed and x.sharding.is_equivalent_to(s, x.ndim):
+      if x.committed and _equivalent(x.sharding, s, x.ndim):
         return x
       if not x.is_fully_addressable:
         return jax.jit(lambda a: a, out_shardings=s)(x)
