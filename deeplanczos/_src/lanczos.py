@@ -194,6 +194,17 @@ def init(op, v0, *, size, max_hvps, k, key,
       num_steps=0, converged=False, exhausted=False)
 
 
+def _packing(op, basis) -> basis_lib.Packing:
+  """``basis_lib.packing`` of a Lanczos basis on ``op``, kept on the
+  operator: a step or block asks for it, and it takes about 1 us a leaf."""
+  leaves = jax.tree.leaves(basis)
+  memo = op.remembered(("lanczos packing", leaves[0].shape[0],
+                        tuple(l.dtype for l in leaves)))
+  if "packing" not in memo:
+    memo["packing"] = basis_lib.packing(op.template, op.shardings, basis)
+  return memo["packing"]
+
+
 def expand(op, state: LanczosState, opts: _Options) -> LanczosState:
   """One product and its place in ``T``.
 
@@ -205,7 +216,7 @@ def expand(op, state: LanczosState, opts: _Options) -> LanczosState:
                 where=f"at Lanczos step {state.num_steps}")
   w, c, beta = basis_lib.orthogonalize(
       state.basis, w, j + 1,
-      packing=basis_lib.packing(op.template, op.shardings, state.basis))
+      packing=_packing(op, state.basis))
   c = sharding_lib.host_value(c).astype(np.float64)
   beta = float(sharding_lib.host_value(beta))
   return record(state._replace(w=w), c, beta, opts)
@@ -393,7 +404,7 @@ def block(op, state: LanczosState, opts: _Options,
       np.int32(count), np.bool_(state.j == state.kept and state.j > 0),
       np.bool_(state.block == 0), np.zeros(opts.size), np.bool_(False),
       pass_fn=pass_fn, opts=opts, loop=pace.loop,
-      packing=basis_lib.packing(op.template, op.shardings, state.basis))
+      packing=_packing(op, state.basis))
   t, c, table = (sharding_lib.host_value(a).astype(np.float64)
                  for a in (t, c, table))
   ran = int(np.sum(~np.isnan(table[:, 0])))
@@ -552,7 +563,7 @@ def _checked_in_blocks(op, state, y, lam, opts: _Options, pace: driver.Pace):
   padded = np.zeros(opts.size)
   padded[:p] = lam
   tables = []
-  packing = basis_lib.packing(op.template, op.shardings, ritz_basis)
+  packing = _packing(op, ritz_basis)
   for start in range(0, p, p if pace.loop else 1):
     ritz_basis, _, _, _, table = _steps(
         op.params, ritz_basis, state.w, 0.0, data,
