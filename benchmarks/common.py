@@ -11,6 +11,21 @@ import jax
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
+def results() -> pathlib.Path:
+  """Where this machine's tables go: results/, or results/gpu (results/tpu)
+  when JAX runs on an accelerator."""
+  backend = jax.default_backend()
+  return RESULTS if backend == "cpu" else RESULTS / backend
+
+
+def torch_device() -> str:
+  """'cuda' where JAX runs on a GPU and torch sees one, else 'cpu': the
+  torch peers run on the device JAX's numbers come from."""
+  import torch  # pylint: disable=g-import-not-at-top
+  return ("cuda" if jax.default_backend() == "gpu"
+          and torch.cuda.is_available() else "cpu")
+
+
 def median_seconds(fn, *args, repeats=20, warmup=2):
   """Median wall time of ``fn(*args)`` after compilation, blocking on output."""
   for _ in range(warmup):
@@ -47,8 +62,9 @@ def table(header, rows) -> str:
 
 
 def write(name: str, title: str, body: str):
-  """Prints ``body`` and writes it, with the machine, to results/NAME.md."""
+  """Prints ``body`` and writes it, with the machine, to NAME.md in
+  :func:`results`."""
   text = f"# {title}\n\nMachine: {machine()}\n\n{body}\n"
   print(text)
-  RESULTS.mkdir(exist_ok=True)
-  (RESULTS / f"{name}.md").write_text(text)
+  results().mkdir(parents=True, exist_ok=True)
+  (results() / f"{name}.md").write_text(text)

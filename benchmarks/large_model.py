@@ -7,7 +7,8 @@ Krylov basis are split over all 8 fake CPU devices (mesh data=4, model=2;
 the model axis from the Transformer's partitioning metadata, FSDP over the
 data axis by `infer_sharding(..., fsdp_axis='data')` for the rest). Reports
 seconds per HVP, per-device bytes, and the peak host memory of the process
-(all 8 fake devices live in it).
+(all 8 fake devices live in it). On an accelerator, the same on its
+devices (one GPU: a mesh of one).
 
   python -m benchmarks.large_model
 
@@ -38,7 +39,10 @@ VOCAB, LENGTH, SEQUENCES, BATCH = 8192, 32, 16, 8
 def main():
   model = models.Transformer(vocab_size=VOCAB, max_len=LENGTH, d_model=768,
                              num_heads=12, num_layers=8, mlp_dim=3072)
-  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  count = jax.device_count()  # 8 fake CPU devices, or an accelerator's
+  model_axis = 2 if count % 2 == 0 else 1
+  mesh = deeplanczos.make_mesh([("data", count // model_axis),
+                                ("model", model_axis)])
   tokens = jnp.zeros((1, LENGTH), jnp.int32)
   boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)
   # The Transformer's tensor-parallel layout from its partitioning metadata,
@@ -72,12 +76,13 @@ def main():
   lanczos_s = time.perf_counter() - start
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB
   split = sum(a.size for a in jax.tree.leaves(params)
-              if len(a.sharding.device_set) == 8 and
-              a.addressable_shards[0].data.size * 8 == a.size)
+              if len(a.sharding.device_set) == count and
+              a.addressable_shards[0].data.size * count == a.size)
   rows = [
       ["parameters", f"{n:,} ({n * 4 / 2**30:.2f} GiB in float32)"],
-      ["mesh", "data=4 (FSDP), model=2 (tensor parallel)"],
-      ["parameters split 8 ways", f"{split / n:.4f} of them"],
+      ["mesh", f"data={count // model_axis} (FSDP), model={model_axis} "
+               "(tensor parallel)"],
+      [f"parameters split {count} ways", f"{split / n:.4f} of them"],
       ["per-device parameters + one vector",
        f"{common.per_device_bytes((params, v)) / 2**20:.0f} MiB of "
        f"{2 * n * 4 / 2**20:.0f} MiB"],
@@ -90,9 +95,11 @@ def main():
        f"{', '.join(f'{e:.4g}' for e in r.eigenvalues)}; relative residuals "
        f"{', '.join(f'{e:.1e}' for e in r.residuals / abs(r.eigenvalues))}"
        f"; converged: {r.converged}"],
-      ["peak host memory (whole process, 8 fake devices)", f"{peak:.1f} GiB"],
+      ["peak host memory (whole process)", f"{peak:.1f} GiB"],
   ]
-  common.write("large_model", "A 63M-parameter Transformer on 8 fake devices",
+  where = ("8 fake devices" if jax.default_backend() == "cpu" else
+           f"{count} {jax.devices()[0].device_kind}")
+  common.write("large_model", f"A 63M-parameter Transformer on {where}",
                common.table(["", ""], rows))
 
 

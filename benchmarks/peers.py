@@ -27,7 +27,8 @@ the dense float64 Hessian.
 
 Timings on 2 shared cores: OMP_WAIT_POLICY=PASSIVE for torch and
 OPENBLAS_NUM_THREADS=1 for the small dense eigh, set below before numpy and
-torch start; without them the numbers are noise.
+torch start; without them the numbers are noise. Where JAX runs on a GPU,
+the torch tools run on it too (their models and batches on cuda).
 
   python -m benchmarks.peers      (needs the bench extra and the peers:
   pip install curvlinops-for-pytorch hessian-eigenthings matfree)
@@ -108,11 +109,13 @@ def errors(h, w, k, values, vectors):
 
 
 def timed(run, repeats=5):
+  """The first call's output and seconds, and the median of ``repeats`` warm
+  calls' seconds (of 2 where the first call took over 10 s)."""
   start = time.perf_counter()
   out = run()
   first = time.perf_counter() - start
   times = []
-  for _ in range(repeats):
+  for _ in range(repeats if first < 10 else 2):
     start = time.perf_counter()
     run()
     times.append(time.perf_counter() - start)
@@ -219,6 +222,7 @@ def torch_model(params, dtype):
             torch.nn.Linear(FEATURES[1], 10)]
   model = torch.nn.Sequential(torch.nn.Flatten(), *layers).to(
       torch.float64 if dtype == np.float64 else torch.float32)
+  model = model.to(common.torch_device())
   with torch.no_grad():
     for layer, name in zip(layers[::2], ("Dense_0", "Dense_1", "Dense_2")):
       layer.weight.copy_(torch.from_numpy(
@@ -228,7 +232,9 @@ def torch_model(params, dtype):
 
 
 def torch_batches(task, dtype):
-  return [(torch.from_numpy(x), torch.from_numpy(np.asarray(y)).long())
+  device = common.torch_device()
+  return [(torch.from_numpy(x).to(device),
+           torch.from_numpy(np.asarray(y)).long().to(device))
           for x, y in batches_of(task, dtype)]
 
 
@@ -240,8 +246,8 @@ def torch_vectors(vectors, model):
     parts = dict(zip([n for n, _ in model.named_parameters()], vec))
     leaves = {}
     for i, name in ((1, "Dense_0"), (3, "Dense_1"), (5, "Dense_2")):
-      leaves[name] = {"bias": parts[f"{i}.bias"].detach().numpy(),
-                      "kernel": parts[f"{i}.weight"].detach().numpy().T}
+      leaves[name] = {"bias": parts[f"{i}.bias"].detach().cpu().numpy(),
+                      "kernel": parts[f"{i}.weight"].detach().cpu().numpy().T}
     rows.append(np.asarray(ravel_pytree({"params": leaves})[0]))
   return np.stack(rows)
 
@@ -298,8 +304,8 @@ def eigenthings(task, params, k, dtype, steps):
   def run():
     op = he.HessianOperator(model, data, he.supervised_loss(weighted))
     r = he.lanczos(op, k=k, max_iter=steps, which="LA", seed=0)
-    vectors = r.eigenvectors.detach().numpy()
-    return r.eigenvalues.detach().numpy(), vectors, r.iterations
+    vectors = r.eigenvectors.detach().cpu().numpy()
+    return r.eigenvalues.detach().cpu().numpy(), vectors, r.iterations
   (w, v, hvps), first, warm = timed(run)
   return (w, _torch_flat_to_flax(v, model), hvps), first, warm
 
@@ -314,7 +320,7 @@ def pyhessian_deflation(task, params, k, dtype, target):
   def run():
     count[0] = 0
     h = hessian(model, torch.nn.CrossEntropyLoss(), dataloader=data,
-                cuda=False)
+                cuda=common.torch_device() == "cuda")
     product = h.dataloader_hv_product
 
     def counted(v):
@@ -367,7 +373,7 @@ def main():
         f"Top {k}, {np.dtype(dtype).name}, tolerances for a {target:g} "
         f"relative error; the bare HVP (the jitted whole-data HVP that eigsh "
         f"and matfree call) takes {bare * 1e3:.3f} ms:\n\n" + common.table(
-            ["tool", "HVPs", "warm s (median of 5)", "warm / (HVPs x bare HVP)",
+            ["tool", "HVPs", "warm s (median of 5; of 2 over 10 s)", "warm / (HVPs x bare HVP)",
              "first call s", "max eigenvalue error", "max relative residual"],
             rows))
   common.write(
@@ -376,7 +382,8 @@ def main():
       f"Digits MLP 64-32-32-10 ({n:,} parameters), 1797 examples in batches "
       f"of {BATCH}, mean cross-entropy weighted by example; errors against "
       "the dense float64 Hessian's eigh. torch "
-      f"{torch.__version__} with 2 threads, OMP_WAIT_POLICY=PASSIVE, "
+      f"{torch.__version__} on {common.torch_device()} with 2 threads, "
+      "OMP_WAIT_POLICY=PASSIVE, "
       "OPENBLAS_NUM_THREADS=1.\n\n" + "\n\n".join(sections))
 
 

@@ -120,8 +120,10 @@ def theirs(params, batches):
   torch.manual_seed(0)
   torch.set_num_threads(2)
   model = to_torch(params).eval()
-  loader = [(torch.from_numpy(x), torch.from_numpy(y).long())
-            for x, y in batches]
+  device = common.torch_device()
+  model = model.to(device)
+  loader = [(torch.from_numpy(x).to(device),
+             torch.from_numpy(y).long().to(device)) for x, y in batches]
   times = []
 
   def timed(product):
@@ -134,7 +136,7 @@ def theirs(params, batches):
 
   start = time.perf_counter()
   h = pyhessian_hessian(model, torch.nn.CrossEntropyLoss(),
-                        dataloader=loader, cuda=False)
+                        dataloader=loader, cuda=device == "cuda")
   h.dataloader_hv_product = timed(h.dataloader_hv_product)
   (lam,), _ = h.eigenvalues(maxIter=ITERATIONS, tol=0.0)
   first_call = time.perf_counter() - start
@@ -143,7 +145,7 @@ def theirs(params, batches):
   for _ in range(5):
     start = time.perf_counter()
     h = pyhessian_hessian(model, torch.nn.CrossEntropyLoss(),
-                          dataloader=loader, cuda=False)
+                          dataloader=loader, cuda=device == "cuda")
     h.eigenvalues(maxIter=1, tol=0.0)
     warm.append(time.perf_counter() - start)
   return (lam, per_iteration, first_call - ITERATIONS * per_iteration,
@@ -174,8 +176,8 @@ def main():
       f"MLP 64-64-10 ({n:,} parameters) trained on digits; 1797 examples in "
       f"batches of 256 (the last of 5 weighted by size in both); "
       f"{ITERATIONS} power iterations, float32; dense float64 answer "
-      f"{reference:.6f}. PyHessian 0.1 on torch {torch.__version__}, 2 "
-      "threads.\n\n" + common.table(
+      f"{reference:.6f}. PyHessian 0.1 on torch {torch.__version__} "
+      f"({common.torch_device()}), 2 threads.\n\n" + common.table(
           ["library", "ms per full-data iteration", "speed-up over PyHessian",
            "first call: compile and set-up s", "warm call overhead ms",
            "eigenvalue", "rel. error to dense"], rows) +

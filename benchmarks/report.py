@@ -19,9 +19,15 @@ and package versions:
 
   python -m benchmarks.report        (needs the bench and tpu extras)
   python -m benchmarks.report --reuse large_model   (keeps that part's table)
+  python -m benchmarks.report --accelerator   (on a GPU: the parts in
+                                               ACCELERATOR_PARTS)
 
 Writes BENCHMARKS.md at the repository root; each table also stays in
-benchmarks/results/.
+benchmarks/results/. With --accelerator it runs the parts that mean
+something on one accelerator, each in at most TIMEOUT seconds, going on past
+a part that fails, and writes their tables to benchmarks/results/gpu/ (no
+BENCHMARKS.md); a later run on the CPU adds them to BENCHMARKS.md as their
+own section.
 """
 
 import datetime
@@ -31,6 +37,7 @@ import pathlib
 import platform
 import subprocess
 import sys
+import time
 
 from benchmarks import common
 
@@ -38,6 +45,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARTS = ("hvp_cost", "pyhessian_compare", "scaling", "lanczos", "peers",
          "first_call", "memory", "processes", "large_model", "scale_compile", "precision",
          "probes")
+ACCELERATOR_PARTS = ("hvp_cost", "peers", "lanczos", "probes",
+                     "pyhessian_compare", "large_model", "first_call")
+TIMEOUT = 150
 RESULT = {"pyhessian_compare": "pyhessian"}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
             "numpy", "scipy", "torch", "pyhessian", "matfree",
@@ -51,7 +61,36 @@ def version(name):
     return "not installed"
 
 
+def accelerator():
+  """Runs ACCELERATOR_PARTS here (an accelerator), each within TIMEOUT s."""
+  for part in ACCELERATOR_PARTS:
+    start = time.perf_counter()
+    try:
+      done = subprocess.run([sys.executable, "-m", f"benchmarks.{part}"],
+                            cwd=ROOT, timeout=TIMEOUT, check=False).returncode
+    except subprocess.TimeoutExpired:
+      done = f"stopped after {TIMEOUT} s"
+    print(f"{part}: {done} in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def gpu_section():
+  """BENCHMARKS.md's section for the tables in results/gpu, if any."""
+  folder = common.RESULTS / "gpu"
+  tables = [folder / f"{RESULT.get(p, p)}.md" for p in ACCELERATOR_PARTS]
+  tables = [t for t in tables if t.exists()]
+  if not tables:
+    return []
+  return ["# On a GPU", "",
+          "Measured by `python -m benchmarks.report --accelerator` on a GPU "
+          "lent to a session (each table names its machine and jax); the "
+          "same scripts as above, the torch peers on cuda.", ""] + [
+              "#" + t.read_text() for t in tables]
+
+
 def main():
+  if "--accelerator" in sys.argv:
+    accelerator()
+    return
   reuse = sys.argv[sys.argv.index("--reuse") + 1:] if "--reuse" in sys.argv else []
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   sections = []
@@ -77,12 +116,12 @@ def main():
       f"{platform.python_version()}; "
       + ", ".join(f"{p} {version(p)}" for p in PACKAGES) + ".",
       "",
-      "No GPU was lent to the session that made this report, so there is no "
-      "GPU column.",
+      "The GPU's tables (benchmarks/results/gpu/, if a session had one) "
+      "follow the CPU's, in their own section.",
       "",
   ]
   (ROOT / "BENCHMARKS.md").write_text("\n".join(header) + "\n" +
-                                      "\n".join(sections))
+                                      "\n".join(sections + gpu_section()))
   print((ROOT / "BENCHMARKS.md").read_text())
 
 

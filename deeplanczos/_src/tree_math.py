@@ -74,7 +74,7 @@ def tree_random(key, like, sampler=jax.random.normal, together=None):
   leaves, treedef = jax.tree.flatten(like)
   keys = jax.random.split(key, len(leaves))
   if together is None or not (
-      jax.config.jax_threefry_partitionable
+      getattr(jax.config, "jax_threefry_partitionable", True)  # newer: always
       and str(jax.random.key_impl(key)) == "threefry2x32"):
     together = (None,) * len(leaves)
   groups = {}
