@@ -186,6 +186,7 @@ def test_power_on_one_layer(tmp_path):
     ({"mesh_shape": (3, 1)}, "mesh does not fit the devices"),
     ({"task": "no_such_module:build"}, "cannot import 'build'"),
     ({"method": "eigen"}, "config.method must be one of"),
+    ({"precision": "float31"}, "config.precision must be ''"),
 ])
 def test_bad_config_writes_nothing(tmp_path, change, message):
   config = small_config()

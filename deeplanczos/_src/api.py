@@ -14,7 +14,8 @@ from deeplanczos._src import operator as operator_lib
 # The keyword options of HessianOperator that the loss-level form accepts.
 OPERATOR_OPTIONS = ("batch_parser", "mesh", "shardings", "shardings_rule",
                     "data_axis", "subset", "loss_rng", "data_on_device",
-                    "device_bytes", "curvature", "model_fn", "output_loss")
+                    "device_bytes", "curvature", "model_fn", "output_loss",
+                    "accumulate", "precision")
 
 
 def build_operator(loss, params, batch_iterable, *, show_pbar=False,

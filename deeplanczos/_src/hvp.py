@@ -45,6 +45,41 @@ from deeplanczos._src import tree_math
 
 
 @dataclasses.dataclass(frozen=True)
+class WithPrecision:
+  """``fn`` traced under ``jax.default_matmul_precision(precision)``:
+  equal (and hashing alike) for equal ``fn`` and ``precision``, so the
+  compiled programs keyed on a :class:`Kernel` are shared."""
+  fn: Callable
+  precision: str
+
+  def __call__(self, *args):
+    with jax.default_matmul_precision(self.precision):
+      return self.fn(*args)
+
+
+def check_precision(precision):
+  """Raises unless ``precision`` is None or ``jax.default_matmul_precision``
+  takes it."""
+  if precision is None:
+    return
+  try:
+    with jax.default_matmul_precision(precision):
+      pass
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "precision must be None or a value jax.default_matmul_precision "
+        "takes ('highest', 'float32', 'tensorfloat32', 'bfloat16', "
+        f"'default', a DotAlgorithmPreset name); got {precision!r}.") from e
+
+
+def with_precision(fn, precision):
+  """``fn`` under ``precision`` (:class:`WithPrecision`); ``fn`` itself
+  where either is None."""
+  return fn if fn is None or precision is None else WithPrecision(
+      fn, precision)
+
+
+@dataclasses.dataclass(frozen=True)
 class Kernel:
   """Everything the compiled programs depend on besides array shapes.
 

@@ -234,6 +234,15 @@ class HessianOperator:
       training step does). ``None`` chooses by memory: ``'split'`` when the
       parameters are split over the data axis (FSDP) or that axis has one
       device, ``'replicated'`` otherwise.
+    precision: the matrix products' precision for float32 inputs inside
+      ``loss`` (and ``model_fn``, ``output_loss``), as
+      ``jax.default_matmul_precision`` takes it: ``'highest'`` (the default)
+      computes them in float32 on every platform; ``None`` keeps JAX's
+      default, which on TPUs rounds float32 inputs to bfloat16 and on recent
+      NVIDIA GPUs to TensorFloat32 (measured on an H200: top-5 eigenvalues
+      3.5e-4 off the dense float64 answer where float32 gives 2e-7), faster
+      and coarser. A product's own ``precision=`` argument wins; like
+      JAX's setting, it is for float32 inputs.
 
   Attributes:
     mesh: the device mesh.
@@ -254,9 +263,13 @@ class HessianOperator:
                device_bytes: int = DEVICE_BYTES, curvature: str = "hessian",
                model_fn: Callable | None = None,
                output_loss: Callable | None = None,
-               accumulate: str | None = None):
+               accumulate: str | None = None,
+               precision: str | None = "highest"):
     if not callable(loss):
       raise TypeError(f"loss must be callable, got {type(loss).__name__}.")
+    hvp_lib.check_precision(precision)
+    loss, model_fn, output_loss = (hvp_lib.with_precision(f, precision)
+                                   for f in (loss, model_fn, output_loss))
     if batch_parser is not None and not callable(batch_parser):
       raise TypeError("batch_parser must be callable, got "
                       f"{type(batch_parser).__name__}.")

@@ -287,7 +287,7 @@ def plan(loss: Callable, params, batch, *, num_batches: int = 1,
          ncv: int = 20, num_probes: int = 1, basis_dtype=None,
          curvature: str = "hessian", model_fn: Callable | None = None,
          output_loss: Callable | None = None, accumulate: str | None = None,
-         uses_rng: bool = False) -> Plan:
+         uses_rng: bool = False, precision: str | None = "highest") -> Plan:
   """Compiles the Hessian-vector product for abstract inputs; runs nothing.
 
   The program compiled is the one ``HessianOperator`` runs for a streamed
@@ -303,7 +303,7 @@ def plan(loss: Callable, params, batch, *, num_batches: int = 1,
     num_batches: batches in one pass (for the time per product).
     mesh: the mesh, e.g. from :func:`topology_mesh`; by default one device.
     shardings, shardings_rule, data_axis, subset, curvature, model_fn,
-      output_loss, accumulate: as for ``HessianOperator``.
+      output_loss, accumulate, precision: as for ``HessianOperator``.
     method: ``'power'``, ``'lanczos'``, ``'density'`` or ``'trace'``: which
       vectors the method keeps.
     ncv: the Krylov basis size for ``'lanczos'`` and ``'density'``.
@@ -318,6 +318,9 @@ def plan(loss: Callable, params, batch, *, num_batches: int = 1,
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+  hvp_lib.check_precision(precision)
+  loss, model_fn, output_loss = (hvp_lib.with_precision(f, precision)
+                                 for f in (loss, model_fn, output_loss))
   if sharding_lib.has_metadata(params):
     if shardings is None and mesh is not None:
       shardings = sharding_lib.from_metadata(params, mesh,

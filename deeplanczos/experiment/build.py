@@ -16,6 +16,7 @@ import numpy as np
 
 import deeplanczos
 from deeplanczos import data as data_lib
+from deeplanczos._src import hvp as hvp_lib
 from deeplanczos._src import sharding as sharding_lib
 from deeplanczos.experiment import methods as methods_lib
 from deeplanczos.experiment import tasks as tasks_lib
@@ -101,6 +102,13 @@ def prepare(config):
     raise ConfigError("config.curvature must be 'hessian', 'ggn' or "
                       f"'fisher'; got {config.curvature!r}.")
   try:
+    hvp_lib.check_precision(config.precision or None)
+  except ValueError as e:
+    raise ConfigError(
+        "config.precision must be '' (JAX's default) or a value "
+        "jax.default_matmul_precision takes, such as 'highest'; got "
+        f"{config.precision!r}.") from e
+  try:
     mesh = build_mesh(config)
   except ValueError as e:
     raise ConfigError(f"The mesh does not fit the devices: {e}") from e
@@ -162,4 +170,4 @@ def operator(config, task, mesh, shardings, dataset):
       subset=config.subset or None,
       loss_rng=jax.random.key(config.seed + 1) if task.takes_rng else None,
       curvature=config.curvature, model_fn=task.model_fn,
-      output_loss=task.output_loss)
+      output_loss=task.output_loss, precision=config.precision or None)

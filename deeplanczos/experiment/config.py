@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.subset = ""  # a regular expression on parameter paths; "" for all
   # The matrix: 'hessian', 'ggn' (Gauss-Newton) or 'fisher' (empirical).
   c.curvature = "hessian"
+  # float32 matrix products in the loss: 'highest' (float32 everywhere), or
+  # "" for JAX's default (bfloat16 on TPUs, TensorFloat32 on recent GPUs).
+  c.precision = "highest"
   # steps_per_call: Lanczos steps in one compiled block (0: 'auto', about a
   # second each; -1: one step at a time on the operator's own pass);
   # check_residuals: one more product per pair, what `converged` rests on.

@@ -129,7 +129,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       data_axis=config.data_axis, subset=config.subset or None,
       curvature=config.curvature, model_fn=task.model_fn,
       output_loss=task.output_loss, uses_rng=task.takes_rng,
-      **_plan_options(config))
+      precision=config.precision or None, **_plan_options(config))
   logging.info("%s", planned.table())
   result = build.jsonable({**planned._asdict(), "table": planned.table(),
                       "programs": [p._asdict() for p in planned.programs],
