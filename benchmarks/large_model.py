@@ -89,7 +89,7 @@ def main():
       ["data", f"{SEQUENCES} sequences of {LENGTH} tokens, global batches of "
                f"{BATCH} ({SEQUENCES * LENGTH} tokens a pass)"],
       ["first HVP (compile + run)", f"{first:.1f} s"],
-      ["seconds per HVP (full pass)", f"{per_hvp:.2f} s"],
+      ["seconds per HVP (full pass)", f"{per_hvp:.3g} s"],
       ["Lanczos top-3 (ncv=12, tol 1e-3, at most 90 HVPs)",
        f"{r.num_hvps} HVPs in {lanczos_s:.0f} s; eigenvalues "
        f"{', '.join(f'{e:.4g}' for e in r.eigenvalues)}; relative residuals "

@@ -80,10 +80,12 @@ def gpu_section():
   tables = [t for t in tables if t.exists()]
   if not tables:
     return []
+  about = folder / "about.md"  # what the run's session noted, if anything
   return ["# On a GPU", "",
           "Measured by `python -m benchmarks.report --accelerator` on a GPU "
           "lent to a session (each table names its machine and jax); the "
-          "same scripts as above, the torch peers on cuda.", ""] + [
+          "same scripts as above, the torch peers on cuda.", "",
+          *([about.read_text()] if about.exists() else [])] + [
               "#" + t.read_text() for t in tables]
 
 
