@@ -162,11 +162,16 @@ def test_trace_within_four_standard_errors(mlp, method):
   assert r.num_hvps == (40 if method == "hutchinson" else 45)
 
 
-def test_hutchpp_exact_for_low_rank():
+@pytest.mark.parametrize("options", [
+    {}, {"probes_per_call": 2}, {"data_on_device": False}])
+def test_hutchpp_exact_for_low_rank(options):
+  # H S has rank 2 of the 3 sketch vectors: the third is dropped, in the
+  # compiled loop, in batched passes and a product at a time.
   spectrum = [6.0, 3.0, 0, 0, 0, 0, 0]
   loss, params, x, y, _ = helpers.quadratic_problem(spectrum)
   r = deeplanczos.hutchpp(loss, params, [(x, y)], num_hvps=9,
-                          show_pbar=False)
+                          show_pbar=False, **options)
+  assert r.num_hvps == 3 + 2 + 3  # sketch, the rank's exact terms, probes
   np.testing.assert_allclose(r.estimate, 9.0, rtol=1e-10)
   np.testing.assert_allclose(r.samples, 0.0, atol=1e-10)
 

@@ -56,28 +56,60 @@ def _stderr(samples):
       samples) > 1 else float("inf")
 
 
-def _stack(vectors):
-  return jax.tree.map(lambda *a: jax.numpy.stack(a), *vectors)
-
-
-def _unstack(stacked, n):
-  return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
-
-
-def _products(op, vectors, where):
-  """``[H v for v in vectors]``: one pass, or one batched pass for several."""
-  if len(vectors) == 1:
-    return [op.matvec(vectors[0], where=where)]
-  return _unstack(op.matvecs(_stack(vectors), where=where), len(vectors))
-
-
-def _forms(op, vectors, where):
-  """``[v^T H v for v in vectors]``."""
-  if len(vectors) == 1:
-    return [_quadratic_form(op, vectors[0], where)]
-  stacked = _stack(vectors)
+def _forms_of_stack(op, stacked, where):
+  """``[v^T H v for v in stacked]``: one batched pass, one host read."""
   hv = op.matvecs(stacked, where=where)
   return list(sharding_lib.host_value(_vdots(stacked, hv)).astype(float))
+
+
+def _probes(op, n, deflate=False):
+  """A jitted ``keys -> z`` (``deflate``: ``(keys, q, rank) -> z``): ``n``
+  Rademacher probes stacked on the operator's shardings, each as
+  ``op.random_vector(key, kind='rademacher', normalize=False)`` draws it,
+  with ``deflate`` orthogonalized against ``q[:rank]``: one program for the
+  batch instead of one (or two) per probe. Kept on the operator."""
+  programs = op.remembered(("trace probes", n, deflate))
+  if "fn" not in programs:
+    draw = operator_lib.random_draw(op.template, op.shardings, "rademacher")
+
+    def make(keys, q=None, rank=None):
+      z = jax.vmap(draw)(keys)
+      if deflate:
+        z = jax.vmap(lambda v: basis_lib._orthogonalize(q, v, rank)[0])(z)  # pylint: disable=protected-access
+      return z
+    programs["fn"] = jax.jit(
+        make, out_shardings=sharding_lib.stacked(op.shardings))
+  return programs["fn"]
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _absorb(q, ys, rank, tiny):
+  """Hutch++'s sketch: each ``y`` of the stack in turn orthogonalized
+  against ``q[:rank]`` and, unless its norm is negligible (``tiny`` of
+  ``||y||``: ``H S`` has a smaller rank), scaled into slot ``rank``.
+
+  Returns:
+    ``(q, rank)``.
+  """
+  def body(i, carry):
+    q, rank = carry
+    y = jax.tree.map(lambda a: a[i], ys)
+    w, _, norm = basis_lib._orthogonalize(q, y, rank)  # pylint: disable=protected-access
+    keep = norm > tiny * tree_math.tree_norm(y)
+    w = tree_math.tree_scale(w, jnp.where(keep, 1 / jnp.where(keep, norm, 1),
+                                          0))
+    q = jax.tree.map(lambda b, x: b.at[rank].set(
+        jnp.where(keep, x.astype(b.dtype), b[rank])), q, w)
+    return q, rank + keep.astype(rank.dtype)
+  return jax.lax.fori_loop(0, jax.tree.leaves(ys)[0].shape[0], body,
+                           (q, rank))
+
+
+@functools.partial(jax.jit, static_argnames="n")
+def _rows(q, start, n):
+  """Slots ``start .. start + n - 1`` of the basis ``q``, stacked."""
+  return jax.tree.map(
+      lambda b: jax.lax.dynamic_slice_in_dim(b, start, n), q)
 
 
 # The most products one call of the compiled loop runs (its keys are padded
@@ -210,9 +242,13 @@ def hutchinson_step(op, state: HutchinsonState, keys,
     samples[i:i + len(forms)] = forms
     return HutchinsonState(samples, i + len(forms))
   n = min(per_call, len(state.samples) - i)
-  samples[i:i + n] = _forms(
-      op, [op.random_vector(keys[i + j], kind="rademacher", normalize=False)
-           for j in range(n)], _which("probe", i, n))
+  if n == 1:
+    samples[i] = _quadratic_form(
+        op, op.random_vector(keys[i], kind="rademacher", normalize=False),
+        _which("probe", i, 1))
+  else:
+    samples[i:i + n] = _forms_of_stack(
+        op, _probes(op, n)(keys[i:i + n]), _which("probe", i, n))
   return HutchinsonState(samples, i + n)
 
 
@@ -304,32 +340,35 @@ def hutchpp_step(op, state: HutchppState, keys, sketch, tiny, per_call=1,
   if state.sketched < sketch:
     i = state.sketched
     n = min(per_call, sketch - i)
-    ys = _products(op, [op.random_vector(keys[i + j], kind="rademacher",
-                                         normalize=False) for j in range(n)],
-                   _which("sketch vector", i, n))
-    q, rank = state.q, state.rank
-    for y in ys:
-      y_norm = float(sharding_lib.host_value(tree_math.tree_norm(y)))
-      y, _, norm = basis_lib.orthogonalize(q, y, rank)
-      norm = float(sharding_lib.host_value(norm))
-      if norm > tiny * y_norm:
-        q = basis_lib.put(q, rank, basis_lib.scale(y, 1.0 / norm))
-        rank += 1
-    return state._replace(q=q, rank=rank, sketched=i + n)
+    where = _which("sketch vector", i, n)
+    if n == 1:
+      ys = jax.tree.map(lambda a: a[None], op.matvec(op.random_vector(
+          keys[i], kind="rademacher", normalize=False), where=where))
+    else:
+      ys = op.matvecs(_probes(op, n)(keys[i:i + n]), where=where)
+    q, rank = _absorb(state.q, ys, np.int32(state.rank), tiny)
+    return state._replace(q=q, rank=int(sharding_lib.host_value(rank)),
+                          sketched=i + n)
   if state.summed < state.rank:
     i = state.summed
     n = min(per_call, state.rank - i)
-    terms = _forms(op, [basis_lib.get(state.q, i + j) for j in range(n)],
-                   _which("basis vector", i, n))
+    where = _which("basis vector", i, n)
+    terms = ([_quadratic_form(op, basis_lib.get(state.q, i), where)]
+             if n == 1 else
+             _forms_of_stack(op, _rows(state.q, np.int32(i), n), where))
     return state._replace(exact=state.exact + sum(terms), summed=i + n)
   i = state.count
   n = min(per_call, len(state.samples) - i)
-  zs = [basis_lib.orthogonalize(
-      state.q, op.random_vector(keys[sketch + i + j], kind="rademacher",
-                                normalize=False), state.rank)[0]
-        for j in range(n)]
+  where = _which("probe", i, n)
   samples = state.samples.copy()
-  samples[i:i + n] = _forms(op, zs, _which("probe", i, n))
+  if n == 1:
+    samples[i] = _quadratic_form(op, basis_lib.orthogonalize(
+        state.q, op.random_vector(keys[sketch + i], kind="rademacher",
+                                  normalize=False), state.rank)[0], where)
+  else:
+    samples[i:i + n] = _forms_of_stack(op, _probes(op, n, deflate=True)(
+        keys[sketch + i:sketch + i + n], state.q, np.int32(state.rank)),
+                                       where)
   return state._replace(samples=samples, count=i + n)
 
 
