@@ -202,6 +202,10 @@ def test_lanczos_density_trace_on_mesh_match_one_device():
                               show_pbar=False)
   t_got = deeplanczos.hutchpp(loss, params, batches, num_hvps=12, **on_mesh)
   np.testing.assert_allclose(t_got.estimate, t_ref.estimate, rtol=1e-6)
+  # Batched: the probes drawn, deflated and the sketch grown on the mesh.
+  t_many = deeplanczos.hutchpp(loss, params, batches, num_hvps=12,
+                               probes_per_call=3, **on_mesh)
+  np.testing.assert_allclose(t_many.samples, t_ref.samples, rtol=1e-6)
 
 
 def test_mesh_that_disagrees_with_shardings_is_refused():
