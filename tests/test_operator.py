@@ -9,6 +9,7 @@ import pytest
 import deeplanczos
 from deeplanczos import data as data_lib
 from deeplanczos._src import hvp as hvp_lib
+from deeplanczos._src import power as power_lib
 from tests import helpers
 
 
@@ -161,6 +162,24 @@ def test_power_loop_on_device_matches_one_iteration_per_call():
   top, _ = dense_top(loss, params, x, y)
   np.testing.assert_allclose(many.eigenvalue, top, rtol=1e-6)
   assert many.num_hvps == len(many.eigenvalues)
+
+
+def test_power_loop_shorter_last_block_compiles_nothing_new():
+  loss, params, x, y = helpers.mlp_problem()
+  batches = helpers.batches_of(x, y, [16, 16, 16, 12])
+  op = deeplanczos.HessianOperator(loss, params, batches)
+  full = deeplanczos.power_iteration(op, num_iterations=6,
+                                     iterations_per_call=3, show_pbar=False)
+  programs = power_lib._iterations._cache_size()  # pylint: disable=protected-access
+  part = deeplanczos.power_iteration(op, num_iterations=7,  # 3, 3 and 1
+                                     iterations_per_call=3, show_pbar=False)
+  assert power_lib._iterations._cache_size() == programs  # pylint: disable=protected-access
+  assert len(part.seconds) == 3 and part.num_hvps == 7
+  np.testing.assert_allclose(part.eigenvalues[:6], full.eigenvalues,
+                             rtol=1e-12)
+  one = deeplanczos.power_iteration(loss, params, batches, num_iterations=7,
+                                    show_pbar=False)
+  np.testing.assert_allclose(part.eigenvalues, one.eigenvalues, rtol=1e-12)
 
 
 def test_tracker_warm_start_from_the_last_eigenvector():

@@ -134,8 +134,10 @@ def step(op, state: PowerState, *, tol: float | None) -> PowerState:
 
 
 @functools.partial(jax.jit, static_argnames=("pass_fn", "n"))
-def _iterations(params, v, data, previous, tol, *, pass_fn, n):
-  """Up to ``n`` iterations in one program, stopping where :func:`step` would.
+def _iterations(params, v, data, previous, tol, count, *, pass_fn, n):
+  """Up to ``count`` (traced, at most ``n``) iterations in one program,
+  stopping where :func:`step` would: a shorter last block compiles nothing
+  new.
 
   Returns the last vector and an ``(n, 6)`` buffer of rows
   ``[lambda, ||Hv||, q, count, loss, bad]``, NaN after the last iteration
@@ -143,7 +145,7 @@ def _iterations(params, v, data, previous, tol, *, pass_fn, n):
   """
   def cond(carry):
     k, _, _, _, stop = carry
-    return (k < n) & ~stop
+    return (k < count) & ~stop
 
   def body(carry):
     k, v, previous, rows, _ = carry
@@ -167,19 +169,22 @@ def _iterations(params, v, data, previous, tol, *, pass_fn, n):
   return v, rows
 
 
-def steps(op, state: PowerState, *, tol: float | None, n: int) -> PowerState:
-  """Up to ``n`` iterations of :func:`step` in one compiled loop.
+def steps(op, state: PowerState, *, tol: float | None, n: int,
+          count: int | None = None) -> PowerState:
+  """Up to ``count`` (default ``n``) iterations of :func:`step` in one
+  compiled loop of at most ``n``.
 
   Needs the data on the devices in one program (``op.pass_program()``);
-  the host reads the ``n`` iterations' numbers once.
+  the host reads the iterations' numbers once.
   """
   pass_fn, data = op.pass_program()
   op.note_pass_program("power")
   k = state.count
   previous = state.eigenvalues[k - 1] if k else np.nan
   v, rows = _iterations(op.params, state.v, data, np.float64(previous),
-                        -1.0 if tol is None else float(tol), pass_fn=pass_fn,
-                        n=n)
+                        -1.0 if tol is None else float(tol),
+                        np.int32(n if count is None else count),
+                        pass_fn=pass_fn, n=n)
   eigenvalues, alphas, qs = (a.copy() for a in (state.eigenvalues,
                                                  state.alpha, state.q))
   converged, count = False, k
@@ -268,7 +273,8 @@ def power_iteration(op: operator_lib.HessianOperator, *,
       iterations_per_call > 1 or "power" in programs or not programs):
     # One program and one host read a call: the pass and the update.
     one = lambda op, s: steps(
-        op, s, tol=tol, n=min(iterations_per_call, num_iterations - s.count))
+        op, s, tol=tol, n=iterations_per_call,
+        count=min(iterations_per_call, num_iterations - s.count))
   method = driver.Method(
       name="power method",
       step=one,
