@@ -170,8 +170,8 @@ def _iterations(params, v, data, previous, tol, count, *, pass_fn, n):
 
 
 def steps(op, state: PowerState, *, tol: float | None, n: int,
-          count: int | None = None) -> PowerState:
-  """Up to ``count`` (default ``n``) iterations of :func:`step` in one
+          up_to: int | None = None) -> PowerState:
+  """Up to ``up_to`` (default ``n``) iterations of :func:`step` in one
   compiled loop of at most ``n``.
 
   Needs the data on the devices in one program (``op.pass_program()``);
@@ -183,7 +183,7 @@ def steps(op, state: PowerState, *, tol: float | None, n: int,
   previous = state.eigenvalues[k - 1] if k else np.nan
   v, rows = _iterations(op.params, state.v, data, np.float64(previous),
                         -1.0 if tol is None else float(tol),
-                        np.int32(n if count is None else count),
+                        np.int32(n if up_to is None else up_to),
                         pass_fn=pass_fn, n=n)
   eigenvalues, alphas, qs = (a.copy() for a in (state.eigenvalues,
                                                  state.alpha, state.q))
@@ -272,9 +272,11 @@ def power_iteration(op: operator_lib.HessianOperator, *,
   if op.pass_program() is not None and (
       iterations_per_call > 1 or "power" in programs or not programs):
     # One program and one host read a call: the pass and the update.
-    one = lambda op, s: steps(
-        op, s, tol=tol, n=iterations_per_call,
-        count=min(iterations_per_call, num_iterations - s.count))
+    # The loop's length is fixed for the call, so a shorter last block
+    # runs in the same program.
+    n = min(iterations_per_call, num_iterations)
+    one = lambda op, s: steps(op, s, tol=tol, n=n,
+                              up_to=min(n, num_iterations - s.count))
   method = driver.Method(
       name="power method",
       step=one,
