@@ -72,6 +72,16 @@ BATCH = 256
 CASES = ((5, np.float32, 1e-5), (20, np.float64, 1e-6))  # k, dtype, target
 
 
+def lanczos_ncv(k):
+  """The basis size every Krylov tool here keeps: deeplanczos's default."""
+  return max(2 * k + 1, 20)
+
+
+def matfree_depth_for(k):
+  """matfree's fixed Krylov depth for ``k`` pairs (no stopping test)."""
+  return 3 * k if k > 5 else 30
+
+
 def problem(name="mlp"):
   """The task (its ``model_fn`` the model's apply) and trained parameters."""
   config = experiment.base_config()
@@ -152,7 +162,7 @@ def operator(task, params, dtype):
 def lanczos(op, k, target, **options):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", deeplanczos.ConvergenceWarning)
-    return deeplanczos.lanczos(op, k, tol=target, ncv=max(2 * k + 1, 20),
+    return deeplanczos.lanczos(op, k, tol=target, ncv=lanczos_ncv(k),
                                show_pbar=False, **options)
 
 
@@ -216,7 +226,7 @@ def eigsh_solve(hvp, n, k, dtype, target, v0):
     return np.asarray(hvp(jnp.asarray(v, dtype)), np.float64)
   op = sparse_linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
   w, v = sparse_linalg.eigsh(op, k, which="LA", tol=target,
-                             ncv=max(2 * k + 1, 20), v0=v0)
+                             ncv=lanczos_ncv(k), v0=v0)
   return w, v.T, count[0]
 
 
@@ -322,7 +332,7 @@ def curvlinops_eigsh(task, params, k, dtype, target):
                                            dtype=np.float64)
     w, v = sparse_linalg.eigsh(wrapped, k, which="LA", tol=target,
                                v0=np.ones(scipy_op.shape[0]),
-                               ncv=max(2 * k + 1, 20))
+                               ncv=lanczos_ncv(k))
     return w, v.T, count[0]
   (w, v, n), first, warm = timed(run)
   return (w, _torch_flat_to_flax(v, model), n), first, warm
@@ -423,7 +433,7 @@ def section(task, params, reference, k, dtype, target, tools):
 
 def jax_tools(task, params, k, dtype, target):
   """The rows of the tools in JAX: deeplanczos's three, eigsh, matfree."""
-  depth = 3 * k if k > 5 else 30
+  depth = matfree_depth_for(k)
   return {
       "deeplanczos.lanczos": lambda: ours(task, params, k, dtype, target),
       "deeplanczos.lanczos, check_residuals=False": lambda: ours(

@@ -9,6 +9,7 @@ and package versions:
   scaling            seconds per iteration against parameters and data
   lanczos            HVPs to converge: Lanczos, scipy eigsh, power + deflation
   peers              top-5 and top-20 eigenpairs against every peer
+  lanczos_steps      where a Lanczos step's time goes (pass, eigh, the rest)
   first_call         each method's first call: compile beyond the operator's
   memory             per-device memory on meshes of 8 fake devices
   processes          time per iteration with 1 and 2 processes on 127.0.0.1
@@ -47,10 +48,11 @@ from benchmarks import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARTS = ("hvp_cost", "pyhessian_compare", "scaling", "lanczos", "peers",
-         "first_call", "memory", "processes", "large_model", "scale_compile", "precision",
-         "probes")
-ACCELERATOR_PARTS = ("hvp_cost", "peers", "lanczos", "probes",
-                     "pyhessian_compare", "large_model", "first_call")
+         "lanczos_steps", "first_call", "memory", "processes", "large_model",
+         "scale_compile", "precision", "probes")
+ACCELERATOR_PARTS = ("hvp_cost", "peers", "lanczos_steps", "lanczos",
+                     "probes", "pyhessian_compare", "large_model",
+                     "first_call")
 TIMEOUTS = {"peers": 300, "first_call": 300}  # seconds; others 150
 RESULT = {"pyhessian_compare": "pyhessian"}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
