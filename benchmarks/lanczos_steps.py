@@ -31,6 +31,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import peers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import deeplanczos  # pylint: disable=g-import-not-at-top,wrong-import-position
+from deeplanczos._src import lanczos as lanczos_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from deeplanczos._src import operator as operator_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 LOOP = 50
@@ -45,7 +46,7 @@ def lanczos_step(task, params, k, dtype, target):
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", deeplanczos.ConvergenceWarning)
       return jax.block_until_ready(deeplanczos.lanczos(
-          op, k, tol=target, ncv=peers.lanczos_ncv(k), v0=ones,
+          op, k, tol=target, ncv=lanczos_lib.default_ncv(k), v0=ones,
           show_pbar=False, check_residuals=False))
   steps = run().num_hvps
   return steps, common.median_seconds(run, repeats=7, warmup=1) / steps
@@ -108,7 +109,7 @@ def main():
   rows = []
   for k, dtype, target in peers.CASES:
     steps, step = lanczos_step(task, params, k, dtype, target)
-    size = peers.lanczos_ncv(k)
+    size = lanczos_lib.default_ncv(k)
     eighs = {name: eigh_in_loop(size, dtype, impl)
              for name, impl in implementations.items()}
     depth = peers.matfree_depth_for(k)
@@ -119,7 +120,8 @@ def main():
         ms(pass_in_loop(task, params, dtype, unrolled=False)),
         ms(pass_in_loop(task, params, dtype, unrolled=True)),
         ms(closure_in_loop(task, params, dtype)), ms(matfree / depth),
-        f"{size}: " + ", ".join(f"{name} {ms(s)}" for name, s in eighs.items())])
+        f"{size}: " + ", ".join(f"{name} {ms(s)}"
+                                for name, s in eighs.items())])
   body = (__doc__.split("\n\n", 1)[1].split("  python -m")[0].strip()
           + "\n\n" + common.table(
               ["case", "Lanczos steps", "ms a step (blocks)",

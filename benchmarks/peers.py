@@ -65,16 +65,12 @@ import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import deeplanczos  # pylint: disable=g-import-not-at-top,wrong-import-position
 from deeplanczos import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
+from deeplanczos._src import lanczos as lanczos_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FEATURES = (32, 32)
 CNN_CHANNELS, CNN_HIDDEN = (8, 16), 16
 BATCH = 256
 CASES = ((5, np.float32, 1e-5), (20, np.float64, 1e-6))  # k, dtype, target
-
-
-def lanczos_ncv(k):
-  """The basis size every Krylov tool here keeps: deeplanczos's default."""
-  return max(2 * k + 1, 20)
 
 
 def matfree_depth_for(k):
@@ -162,7 +158,8 @@ def operator(task, params, dtype):
 def lanczos(op, k, target, **options):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", deeplanczos.ConvergenceWarning)
-    return deeplanczos.lanczos(op, k, tol=target, ncv=lanczos_ncv(k),
+    return deeplanczos.lanczos(op, k, tol=target,
+                               ncv=lanczos_lib.default_ncv(k),
                                show_pbar=False, **options)
 
 
@@ -226,7 +223,7 @@ def eigsh_solve(hvp, n, k, dtype, target, v0):
     return np.asarray(hvp(jnp.asarray(v, dtype)), np.float64)
   op = sparse_linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
   w, v = sparse_linalg.eigsh(op, k, which="LA", tol=target,
-                             ncv=lanczos_ncv(k), v0=v0)
+                             ncv=lanczos_lib.default_ncv(k), v0=v0)
   return w, v.T, count[0]
 
 
@@ -332,7 +329,7 @@ def curvlinops_eigsh(task, params, k, dtype, target):
                                            dtype=np.float64)
     w, v = sparse_linalg.eigsh(wrapped, k, which="LA", tol=target,
                                v0=np.ones(scipy_op.shape[0]),
-                               ncv=lanczos_ncv(k))
+                               ncv=lanczos_lib.default_ncv(k))
     return w, v.T, count[0]
   (w, v, n), first, warm = timed(run)
   return (w, _torch_flat_to_flax(v, model), n), first, warm
