@@ -167,6 +167,14 @@ def test_lanczos_steps_per_call_and_residual_checks(tmp_path):
                              rtol=1e-6)
   np.testing.assert_array_equal(blocks["residuals"],
                                 blocks["residual_estimates"])
+  # Products by the linearized pass: the same run.
+  config.lanczos.steps_per_call, config.lanczos.check_residuals = -1, True
+  config.linearize = True
+  linear = experiment.run(config, str(tmp_path / "linearized"))
+  assert linear["num_hvps"] == one["num_hvps"]
+  np.testing.assert_allclose(linear["eigenvalues"], one["eigenvalues"],
+                             rtol=1e-6)
+  config.linearize = False
   config.lanczos.steps_per_call = -2
   with pytest.raises(experiment.ConfigError, match="steps_per_call"):
     experiment.run(config, str(tmp_path / "bad"))

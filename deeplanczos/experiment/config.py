@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   # float32 matrix products in the loss: 'highest' (float32 everywhere), or
   # "" for JAX's default (bfloat16 on TPUs, TensorFloat32 on recent GPUs).
   c.precision = "highest"
+  # Products by the pass's linear map at the parameters (data on the devices,
+  # a product at a time): faster, a second compile and the activations' memory.
+  c.linearize = False
   # steps_per_call: Lanczos steps in one compiled block (0: 'auto', about a
   # second each; -1: one step at a time on the operator's own pass);
   # check_residuals: one more product per pair, what `converged` rests on.
