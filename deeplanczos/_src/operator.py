@@ -531,6 +531,8 @@ class HessianOperator:
     again by the plain pass, whose numbers name the batch."""
     if self._linear is None or self._linear[0] is not self.params:
       hv, f, stats = _linearized(self.params, v, data, pass_fn=self._whole)
+      # Read once: every later product of this map reports these numbers.
+      stats = sharding_lib.host_value(stats)
       self._linear = self.params, f, stats
       return hv, stats
     _, f, stats = self._linear
