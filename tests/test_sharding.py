@@ -168,18 +168,12 @@ def test_mesh_without_data_axis():
                                    show_pbar=False)
 
 
-def tp_mesh_problem():
-  """The wide MLP, its batches, and the options that put a method on a
-  data=4, model=2 mesh with tensor-parallel shardings."""
+def test_lanczos_density_trace_on_mesh_match_one_device():
   loss, params, x, y = wide_mlp_problem()
   batches = helpers.batches_of(x, y, [16, 16, 16, 8, 5])
   mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
-  on_mesh = dict(mesh=mesh, shardings=RULE(params, mesh), show_pbar=False)
-  return loss, params, batches, on_mesh
-
-
-def test_lanczos_on_mesh_matches_one_device():
-  loss, params, batches, on_mesh = tp_mesh_problem()
+  shardings = RULE(params, mesh)
+  on_mesh = dict(mesh=mesh, shardings=shardings, show_pbar=False)
   ref = deeplanczos.lanczos(loss, params, batches, 5, tol=1e-9,
                             show_pbar=False)
   got = deeplanczos.lanczos(loss, params, batches, 5, tol=1e-9, **on_mesh)
@@ -197,10 +191,6 @@ def test_lanczos_on_mesh_matches_one_device():
       deeplanczos.lanczos(loss, params, batches, 2, **sub, **on_mesh).eigenvalues,
       deeplanczos.lanczos(loss, params, batches, 2, **sub,
                           show_pbar=False).eigenvalues, rtol=1e-6)
-
-
-def test_density_on_mesh_matches_one_device():
-  loss, params, batches, on_mesh = tp_mesh_problem()
   d_ref = deeplanczos.spectral_density(loss, params, batches, num_probes=2,
                                        num_steps=12, show_pbar=False)
   d_got = deeplanczos.spectral_density(loss, params, batches, num_probes=2,
@@ -208,10 +198,6 @@ def test_density_on_mesh_matches_one_device():
   np.testing.assert_allclose(d_got.nodes, d_ref.nodes, rtol=1e-6, atol=1e-9)
   np.testing.assert_allclose(d_got.density, d_ref.density, rtol=1e-5,
                              atol=1e-8)
-
-
-def test_hutchpp_on_mesh_matches_one_device():
-  loss, params, batches, on_mesh = tp_mesh_problem()
   t_ref = deeplanczos.hutchpp(loss, params, batches, num_hvps=12,
                               show_pbar=False)
   t_got = deeplanczos.hutchpp(loss, params, batches, num_hvps=12, **on_mesh)
