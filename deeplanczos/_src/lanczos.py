@@ -307,9 +307,11 @@ def _steps(params, basis, w, place, data, t, j, count, arrow, may_converge,
   since the last restart), a breakdown, or a non-finite product.
 
   With ``check`` (traced: the same program), the slots hold Ritz vectors
-  instead and step ``i`` only computes the residual
+  instead and step ``i`` only keeps the residual
   ``||H q_{j+i} - lam_{j+i} q_{j+i}||`` (in ``beta``'s column), so the
-  explicit checks reuse the pass compiled here.
+  explicit checks reuse the pass compiled here. Every step computes both
+  and keeps one (``where``, no ``lax.cond``: XLA:CPU runs a conditional's
+  branch as a sequence of its own, 0.1 ms a step on the peers' MLP).
 
   Returns:
     ``(basis, w, t, c, steps)``: the last ``w``, ``T`` after the last step
@@ -329,7 +331,7 @@ def _steps(params, basis, w, place, data, t, j, count, arrow, may_converge,
   dtype = tree_math.accumulation_dtype(jax.tree.leaves(basis)[0].dtype)
   index = jnp.arange(size)
 
-  def step(i, basis, t, table, may, v, hv):
+  def step(i, basis, t, table, may, hv):
     slot = j + i
     w, c, beta = basis_lib.orthogonalize(basis, hv, slot + 1)
     c, beta = c.astype(dtype), beta.astype(dtype)
@@ -343,39 +345,40 @@ def _steps(params, basis, w, place, data, t, j, count, arrow, may_converge,
     converged, near, broken, values = _test(t, slot + 1, beta, opts)
     entries = jnp.concatenate([jnp.stack([beta, near.astype(dtype)]),
                                values.astype(dtype)])
-    del v
     return q, w, t, c, entries, (converged & may) | broken, may & ~near
 
-  def residual(i, basis, t, table, may, v, hv):
-    del table
-    norm = _residual(hv, v, lam[j + i]).astype(dtype)
-    entries = jnp.full((2 + opts.k,), jnp.nan, dtype).at[0].set(norm)
-    w = jax.tree.map(lambda b, x: x.astype(b.dtype), v, hv)
-    return (basis_lib.get(basis, j + i + 1), w, t,
-            jnp.zeros((size + 1,), dtype), entries, jnp.asarray(False), may)
-
   def body(carry):
-    i, basis, _, t, _, table, may, _ = carry
-    v = basis_lib.get(basis, j + i)
+    i, basis, _, t, _, table, may, _, v = carry
     hv, stats = pass_fn(params, packing.unpack(v), data)
     hv = packing.pack(hv)
-    # The branches only read the basis (one that returned it would copy it
-    # every step); the next slot takes q (unchanged in check mode).
-    q, w, t, c, entries, stop, may = jax.lax.cond(
-        check, residual, step, i, basis, t, table, may, v, hv)
-    basis = basis_lib.put(basis, j + i + 1, q)
+    q, w, t_step, c, entries, stop, may_step = step(i, basis, t, table, may,
+                                                     hv)
+    checked = jnp.full((2 + opts.k,), jnp.nan, dtype).at[0].set(
+        _residual(hv, v, lam[j + i]).astype(dtype))
+    t = jnp.where(check, t, t_step)
+    c = jnp.where(check, 0, c)
+    entries = jnp.where(check, checked, entries)
+    may = jnp.where(check, may, may_step)
+    # The next slot takes q, or keeps its Ritz vector in check mode. The
+    # next product's vector is carried, not read from the basis again: a
+    # read of the basis that its update does not wait for (the residual's
+    # of v) makes XLA copy the whole basis every step.
+    v = jax.tree.map(lambda b, x: jnp.where(check, b, x.astype(b.dtype)),
+                     basis_lib.get(basis, j + i + 1), q)
+    basis = basis_lib.put(basis, j + i + 1, v)
     table = table.at[i].set(jnp.concatenate([stats.astype(dtype), entries]))
-    return i + 1, basis, w, t, c, table, may, stop | (stats[2] >= 0)
+    return (i + 1, basis, w, t, c, table, may,
+            (stop & ~check) | (stats[2] >= 0), v)
 
   carry = (0, basis, basis_lib.get(basis, j), t.astype(dtype),
            jnp.zeros((size + 1,), dtype),
            jnp.full((size, 5 + opts.k), jnp.nan, dtype),
-           jnp.asarray(may_converge), False)
+           jnp.asarray(may_converge), False, basis_lib.get(basis, j))
   if loop:
     carry = jax.lax.while_loop(lambda c: (c[0] < count) & ~c[7], body, carry)
   else:  # one step: XLA:CPU runs loop bodies without its fast kernels
     carry = body(carry)
-  _, basis, w, t, c, table, _, _ = carry
+  _, basis, w, t, c, table, _, _, _ = carry
   return packing.unpack(basis, lead=1), packing.unpack(w), t, c, table
 
 
