@@ -361,8 +361,8 @@ def _steps(params, basis, w, place, data, t, j, count, arrow, may_converge,
     may = jnp.where(check, may, may_step)
     # The next slot takes q, or keeps its Ritz vector in check mode. The
     # next product's vector is carried, not read from the basis again: a
-    # read of the basis that its update does not wait for (the residual's
-    # of v) makes XLA copy the whole basis every step.
+    # read of the basis that its update need not wait for (the residual's
+    # read of v) makes XLA copy the whole basis every step.
     v = jax.tree.map(lambda b, x: jnp.where(check, b, x.astype(b.dtype)),
                      basis_lib.get(basis, j + i + 1), q)
     basis = basis_lib.put(basis, j + i + 1, v)
@@ -370,10 +370,10 @@ def _steps(params, basis, w, place, data, t, j, count, arrow, may_converge,
     return (i + 1, basis, w, t, c, table, may,
             (stop & ~check) | (stats[2] >= 0), v)
 
-  carry = (0, basis, basis_lib.get(basis, j), t.astype(dtype),
-           jnp.zeros((size + 1,), dtype),
+  v = basis_lib.get(basis, j)
+  carry = (0, basis, v, t.astype(dtype), jnp.zeros((size + 1,), dtype),
            jnp.full((size, 5 + opts.k), jnp.nan, dtype),
-           jnp.asarray(may_converge), False, basis_lib.get(basis, j))
+           jnp.asarray(may_converge), False, v)
   if loop:
     carry = jax.lax.while_loop(lambda c: (c[0] < count) & ~c[7], body, carry)
   else:  # one step: XLA:CPU runs loop bodies without its fast kernels
