@@ -127,6 +127,53 @@ def test_precision_reaches_every_product(curvature):
                              helpers.flat(ops[None].matvec(v)), rtol=1e-6)
 
 
+def test_methods_take_their_own_products_in_float32(tmp_path):
+  """The methods' own products (reorthogonalization, basis rotations, Ritz
+  vectors, inner products) ask for full float32 whatever the operator's
+  precision: at JAX's default the TPU compiler rotates a basis in one
+  bfloat16 pass. Every program the methods lower on an operator whose pass
+  has no matrix product (a diagonal quadratic, shapes no other test
+  compiles) is read for its dots."""
+  rng = np.random.default_rng(0)
+  params = {"a": jnp.asarray(rng.normal(size=7), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)}
+  x = rng.uniform(1, 2, size=(12, 7)).astype(np.float32)
+  y = rng.uniform(1, 2, size=12).astype(np.float32)
+  scale = jnp.arange(1.0, 16.0, dtype=jnp.float32).reshape(3, 5)
+
+  def loss(p, xb, yb):
+    return 0.5 * (jnp.mean(yb * jnp.sum(xb * p["a"] ** 2, axis=1))
+                  + jnp.sum(scale * p["b"] ** 2))
+
+  calls = [
+      lambda op: deeplanczos.lanczos(op, 2, show_pbar=False),
+      lambda op: deeplanczos.lanczos(op, 2, show_pbar=False,
+                                     steps_per_call=None, ncv=6),
+      lambda op: deeplanczos.spectral_density(op, num_probes=2, num_steps=5,
+                                              show_pbar=False),
+      lambda op: deeplanczos.spectral_density(op, num_probes=2, num_steps=5,
+                                              show_pbar=False,
+                                              probes_per_call=2),
+      lambda op: deeplanczos.hutchinson(op, num_probes=4, show_pbar=False),
+      lambda op: deeplanczos.hutchpp(op, num_hvps=6, show_pbar=False),
+      lambda op: deeplanczos.power_iteration(op, num_iterations=3,
+                                             show_pbar=False),
+  ]
+  previous = jax.config.read("jax_dump_ir_to")
+  jax.config.update("jax_dump_ir_to", str(tmp_path))
+  try:
+    for call in calls:
+      call(deeplanczos.HessianOperator(loss, params, [(x[:6], y[:6]), (x[6:], y[6:])],
+                                       precision=None))
+  finally:
+    jax.config.update("jax_dump_ir_to", previous)
+  dots = [d for f in tmp_path.glob("*.mlir")
+          for d in re.findall(r"stablehlo\.dot_general[^\n]*", f.read_text())]
+  assert len(dots) > 10
+  assert {(re.search(r"precision = \[(\w+), ", d) or [None, "DEFAULT"])[1]
+          for d in dots} == {"HIGHEST"}
+
+
 def test_bad_curvature_options():
   loss, params, x, y, model_fn, _ = mlp()
   with pytest.raises(ValueError, match="precision must be None or"):

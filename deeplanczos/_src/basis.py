@@ -201,7 +201,8 @@ def _coefficients(basis, v):
   """``c_i = <basis_i, v>`` for every slot, in >= float32."""
   def leaf(b, x):
     dt = tree_math.accumulation_dtype(b.dtype)
-    return jnp.tensordot(b.astype(dt), x.astype(dt), axes=x.ndim)
+    return jnp.tensordot(b.astype(dt), x.astype(dt), axes=x.ndim,
+                         precision=tree_math.HIGHEST)
   return sum(jax.tree.leaves(jax.tree.map(leaf, basis, v)))
 
 
@@ -209,8 +210,9 @@ def _subtract(basis, v, c):
   """``v - sum_i c_i basis_i``."""
   def leaf(b, x):
     dt = tree_math.accumulation_dtype(b.dtype)
-    return (x.astype(dt) - jnp.tensordot(c.astype(dt), b.astype(dt),
-                                         axes=1)).astype(x.dtype)
+    sub = jnp.tensordot(c.astype(dt), b.astype(dt), axes=1,
+                        precision=tree_math.HIGHEST)
+    return (x.astype(dt) - sub).astype(x.dtype)
   return jax.tree.map(leaf, basis, v)
 
 
@@ -249,7 +251,8 @@ def _combination(basis, y):
   """Vectors ``sum_i y_ij basis_i``, stacked on a leading axis of ``y.shape[1]``."""
   def leaf(b):
     dt = tree_math.accumulation_dtype(b.dtype)
-    return jnp.tensordot(y.astype(dt).T, b.astype(dt), axes=1).astype(b.dtype)
+    return jnp.tensordot(y.astype(dt).T, b.astype(dt), axes=1,
+                         precision=tree_math.HIGHEST).astype(b.dtype)
   return jax.tree.map(leaf, basis)
 
 

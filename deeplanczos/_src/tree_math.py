@@ -13,6 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
+# Every product of vectors here is taken in full float32 (or wider): JAX's
+# default precision rounds float32 matrix products to bfloat16 on TPUs (the
+# TPU compiler's default for a basis rotation is one bfloat16 pass) and to
+# TensorFloat32 on recent NVIDIA GPUs, three significant digits, which
+# would cost the Krylov basis its orthogonality and the eigenvectors their
+# accuracy. These products read a few vectors per product computed, so the
+# extra passes cost little.
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
 def accumulation_dtype(dtype):
   """The dtype reductions are carried out in: at least float32."""
   return jnp.promote_types(dtype, jnp.float32)
@@ -22,7 +32,7 @@ def tree_vdot(x, y):
   """Inner product ``<x, y>`` of two pytrees, accumulated in >= float32."""
   def leaf(a, b):
     dt = accumulation_dtype(jnp.result_type(a, b))
-    return jnp.vdot(a.astype(dt), b.astype(dt))
+    return jnp.vdot(a.astype(dt), b.astype(dt), precision=HIGHEST)
   return sum(jax.tree.leaves(jax.tree.map(leaf, x, y)))
 
 
