@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from deeplanczos._src import sharding as sharding_lib
 from deeplanczos._src import tree_math
@@ -191,10 +192,6 @@ def get(basis, index):
   return jax.tree.map(lambda b: b[index], basis)
 
 
-@functools.partial(jax.jit, static_argnames="count")
-def head(basis, count):
-  """``basis[:count]``, in one program."""
-  return jax.tree.map(lambda b: b[:count], basis)
 
 
 def _coefficients(basis, v):
@@ -260,6 +257,15 @@ combine = jax.jit(_combination)
 # The same with the old basis donated: a restart's new basis (``y`` square,
 # zero-padded) may reuse its buffers.
 rotate = jax.jit(_combination, donate_argnums=0)
+
+
+def head(basis, count):
+  """``basis[:count]``, exactly: the product with the identity's first
+  ``count`` columns. XLA:CPU calls a library for it where a slice compiles
+  a kernel per leaf (0.017 against 0.084 s for the digits MLP's basis)."""
+  leaves = jax.tree.leaves(basis)
+  return combine(basis, np.eye(leaves[0].shape[0], count,
+                               dtype=np.float32))
 
 
 @jax.jit
