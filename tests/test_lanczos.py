@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -551,6 +552,25 @@ def test_packing_leaves_split_leaves_alone():
   assert len(others) == 1 and others[0] is stack["c"]
   back = packing.unpack((groups, others), lead=1)
   jax.tree.map(np.testing.assert_array_equal, back, stack)
+
+
+def test_head_is_the_first_slots_bit_for_bit():
+  """``basis.head`` takes slots by a product with the identity: exact in
+  every dtype, at every magnitude, and on a split leaf."""
+  mesh = deeplanczos.make_mesh([("data", 4), ("model", 2)])
+  split = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, "model"))
+  rng = np.random.default_rng(0)
+  basis = {"a": jnp.asarray(rng.normal(size=(9, 4, 3)) * 1e-30, jnp.float32),
+           "b": jnp.asarray(rng.normal(size=(9, 5)) * 1e30),
+           "c": jnp.asarray(rng.normal(size=(9, 6)), jnp.bfloat16),
+           "d": jax.device_put(rng.normal(size=(9, 8)).astype(np.float32),
+                               split)}
+  head = basis_lib.head(basis, 4)
+  for name, leaf in basis.items():
+    assert head[name].dtype == leaf.dtype
+    np.testing.assert_array_equal(np.asarray(head[name], np.float64),
+                                  np.asarray(leaf[:4], np.float64))
 
 
 def test_blocks_through_breakdown_and_repeated_eigenvalues():
