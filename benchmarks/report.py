@@ -15,6 +15,7 @@ and package versions:
   processes          time per iteration with 1 and 2 processes on 127.0.0.1
   large_model        a 63M-parameter Transformer, FSDP on 8 fake devices
   scale_compile      1B, 7B, 70B on TPU slices, by the TPU compiler (libtpu)
+  tpu_basis          the Krylov basis's products on a TPU chip, by its compiler
   precision          bfloat16 against float32: top-3 eigenvalues
   probes             SLQ, Hutchinson, Hutch++ probes batched against one at a time
 
@@ -49,7 +50,7 @@ from benchmarks import common
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARTS = ("hvp_cost", "pyhessian_compare", "scaling", "lanczos", "peers",
          "lanczos_steps", "first_call", "memory", "processes", "large_model",
-         "scale_compile", "precision", "probes")
+         "scale_compile", "tpu_basis", "precision", "probes")
 ACCELERATOR_PARTS = ("hvp_cost", "peers", "lanczos_steps", "lanczos",
                      "probes", "pyhessian_compare", "large_model",
                      "first_call")
