@@ -192,8 +192,6 @@ def get(basis, index):
   return jax.tree.map(lambda b: b[index], basis)
 
 
-
-
 def _coefficients(basis, v):
   """``c_i = <basis_i, v>`` for every slot, in >= float32."""
   def leaf(b, x):

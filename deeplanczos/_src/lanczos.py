@@ -362,7 +362,6 @@ def _steps(params, basis, w, place, data, t, j, count, arrow, may_converge,
                                                      hv)
     checked = jnp.full((2 + opts.k,), jnp.nan, dtype).at[0].set(entries[0])
     t = jnp.where(check, t, t_step)
-    c = jnp.where(check, 0, c)
     entries = jnp.where(check, checked, entries)
     may = jnp.where(check, may, may_step)
     # The next slot takes q, or keeps its Ritz vector in check mode. The
