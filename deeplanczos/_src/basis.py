@@ -180,10 +180,12 @@ def packing(template, shardings, basis) -> Packing:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def put(basis, index, v):
-  """``basis[index] = v``."""
-  return jax.tree.map(lambda b, x: b.at[index].set(x.astype(b.dtype)), basis,
-                      v)
+def put(basis, index, v, scale=1.0):
+  """``basis[index] = scale * v`` (``v * scale`` in ``v``'s dtype first, as
+  :func:`scale` computes it)."""
+  return jax.tree.map(
+      lambda b, x: b.at[index].set((x * scale).astype(x.dtype).astype(b.dtype)),
+      basis, v)
 
 
 @jax.jit

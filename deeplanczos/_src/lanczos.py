@@ -509,17 +509,21 @@ def advance(op, state: LanczosState, opts: _Options,
   block, key = state.block, state.key
   if _near_breakdown(state.beta, theta, opts.tiny / 100):
     block = j + 1
+  scale = 1.0  # the next vector is w * scale
   if state.beta <= opts.tiny * tnorm:
     w, key = continue_after_breakdown(op, state.basis, j + 1, key)
     coupling = 0.0
   elif place:
-    w, coupling = basis_lib.scale(state.w, 1.0 / state.beta), state.beta
+    w, coupling, scale = state.w, state.beta, 1.0 / state.beta
   else:
     w, coupling = None, state.beta
   if j + 1 < opts.size:
     t[j, j + 1] = t[j + 1, j] = coupling
-    basis = basis_lib.put(state.basis, j + 1, w) if place else state.basis
+    basis = (basis_lib.put(state.basis, j + 1, w, scale) if place
+             else state.basis)
     return state._replace(basis=basis, t=t, j=j + 1, block=block, key=key)
+  if scale != 1.0:
+    w = basis_lib.scale(w, scale)
   basis, t, l = thick_restart(state.basis, t, j, state.beta, w, coupling,
                               opts)
   return state._replace(basis=basis, t=t, j=l, kept=l, block=0, key=key)
@@ -793,7 +797,7 @@ def tridiagonalize(op: operator_lib.HessianOperator, v0,
   num_steps = min(num_steps, tree_math.tree_size(op.template))
   basis = basis_lib.zeros(op.template, num_steps + 1, op.shardings)
   norm = float(sharding_lib.host_value(tree_math.tree_norm(v0)))
-  basis = basis_lib.put(basis, 0, basis_lib.scale(v0, 1.0 / norm))
+  basis = basis_lib.put(basis, 0, v0, 1.0 / norm)
   tiny = 100 * float(jnp.finfo(jax.tree.leaves(basis)[0].dtype).eps)
   t = np.zeros((num_steps, num_steps))
   for j in range(num_steps):
@@ -805,7 +809,7 @@ def tridiagonalize(op: operator_lib.HessianOperator, v0,
       break
     if beta <= tiny * max(np.abs(np.diag(t)[:j + 1]).max(), 1e-300):
       return Decomposition(basis, t[:j + 1, :j + 1], w, j + 1)
-    basis = basis_lib.put(basis, j + 1, basis_lib.scale(w, 1.0 / beta))
+    basis = basis_lib.put(basis, j + 1, w, 1.0 / beta)
     t[j, j + 1] = t[j + 1, j] = beta
   return Decomposition(basis, t, w, num_steps)
 
