@@ -180,12 +180,12 @@ def packing(template, shardings, basis) -> Packing:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def put(basis, index, v, scale=1.0):
-  """``basis[index] = scale * v`` (``v * scale`` in ``v``'s dtype first, as
+def put(basis, index, v, factor=1.0):
+  """``basis[index] = factor * v`` (the product in ``v``'s dtype first, as
   :func:`scale` computes it)."""
-  return jax.tree.map(
-      lambda b, x: b.at[index].set((x * scale).astype(x.dtype).astype(b.dtype)),
-      basis, v)
+  def leaf(b, x):
+    return b.at[index].set((x * factor).astype(x.dtype).astype(b.dtype))
+  return jax.tree.map(leaf, basis, v)
 
 
 @jax.jit
