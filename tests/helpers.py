@@ -46,6 +46,16 @@ def batches_of(x, y, sizes):
   return [(x[a:b], y[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
 
+def counting(program, calls, name=1):
+  """The jitted ``program``, appending ``name`` to ``calls`` at each call;
+  its ``lower`` (a compile ahead of the calls) is the program's own."""
+  def counted(*args, **kwargs):
+    calls.append(name)
+    return program(*args, **kwargs)
+  counted.lower = program.lower
+  return counted
+
+
 def dense_hessian(loss, params, x, y):
   """The full-data Hessian as a dense float64 matrix, and the unraveller."""
   flat, unravel = ravel_pytree(params)

@@ -1,6 +1,7 @@
 """Lanczos, SLQ density and trace estimators against dense answers."""
 
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -447,14 +448,45 @@ def test_convolutions_on_cpu_run_a_step_per_program():
   assert not streamed.loops_run_fast()
 
 
+@pytest.mark.parametrize("start", ["random", "given"])
+def test_first_call_compiles_the_rest_beside_the_block_program(
+    mlp, caplog, start):
+  """Each program of a first call compiles once: the block program in the
+  caller's thread, the start's and the Ritz vectors' in a second one."""
+  loss, params, batches, _, w, _ = mlp
+  op = deeplanczos.HessianOperator(loss, params, batches)
+  v0 = None if start == "random" else jax.tree.map(np.ones_like, params)
+  # A basis size of its own: no other test in the process has compiled it.
+  ncv = {"random": 11, "given": 12}[start]
+  jax.config.update("jax_log_compiles", True)
+  try:
+    with caplog.at_level("WARNING", logger="jax"):
+      r = deeplanczos.lanczos(op, 3, ncv=ncv, tol=1e-10, v0=v0,
+                              show_pbar=False)
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  compiles = [(rec.getMessage(), rec.threadName) for rec in caplog.records
+              if rec.getMessage().startswith("Compiling ")]
+  messages = [m for m, _ in compiles]
+  assert len(messages) == len(set(messages)), messages  # nothing twice
+  main = threading.current_thread().name
+  assert [t for m, t in compiles if m.startswith("Compiling jit(_steps)")
+         ] == [main]
+  # The placement (a new program for each operator), the draw and the Ritz
+  # vectors' products (unless another test compiled them on these shapes).
+  beside = [t for m, t in compiles if m.startswith(
+      ("Compiling jit(make)", "Compiling jit(_combination)"))]
+  assert beside and main not in beside, compiles
+  np.testing.assert_allclose(r.eigenvalues, w[::-1][:3], rtol=1e-9)
+
+
 def test_auto_keeps_to_the_operators_compiled_pass(mlp, monkeypatch):
   """Once ``op.matvec`` has compiled the pass, 'auto' runs a step at a time
   on it: a block program would compile the pass again."""
   loss, params, batches, _, w, _ = mlp
   calls = []
-  steps = lanczos_lib._steps  # pylint: disable=protected-access
-  monkeypatch.setattr(lanczos_lib, "_steps",
-                      lambda *a, **kw: calls.append(1) or steps(*a, **kw))
+  monkeypatch.setattr(lanczos_lib, "_steps", helpers.counting(
+      lanczos_lib._steps, calls))  # pylint: disable=protected-access
   run = lambda op: deeplanczos.lanczos(op, 3, ncv=8, tol=1e-10,
                                        show_pbar=False)
   fresh = deeplanczos.HessianOperator(loss, params, batches)
@@ -482,9 +514,8 @@ def test_methods_on_one_operator_compile_the_pass_at_most_twice(
                        (lanczos_lib, "_tridiagonalize_loop"),
                        (trace_lib, "_products_loop"),
                        (power_lib, "_iterations")):
-    program = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, program=program, name=name,
-                        **kw: calls.append(name) or program(*a, **kw))
+    monkeypatch.setattr(module, name,
+                        helpers.counting(getattr(module, name), calls, name))
   op = deeplanczos.HessianOperator(loss, params, batches)
   for round_ in range(2):
     calls.clear()

@@ -19,6 +19,7 @@ leaf keeps its sharding; the tiny projected matrix ``T`` is solved in float64
 on the host.
 """
 
+import concurrent.futures
 import functools
 import time
 from typing import Any, NamedTuple
@@ -179,19 +180,89 @@ def init(op, v0, *, size, max_hvps, k, key,
   """The state before the first product: ``q_0 = v0`` (unit) in slot 0, or
   with ``v0`` None a random unit vector from ``key`` (as
   ``op.random_vector``; scaled in the program that places it)."""
-  programs = op.remembered(("lanczos start", size, basis_dtype))
-  name = "start" if v0 is not None else "random start"
-  if name not in programs:
-    programs[name] = basis_lib.start_program(
-        op.template, size + 1, op.shardings, basis_dtype,
-        normalize=v0 is None)
+  start = _start_program(op, size, basis_dtype, v0 is None)
   if v0 is None:
     v0 = op.random_vector(key, normalize=False)
-  basis, w = programs[name](v0)
+  basis, w = start(v0)
   return LanczosState(
       basis=basis, w=w, t=np.zeros((size, size)), j=0,
       kept=0, block=0, beta=0.0, key=key, ritz=np.full((max_hvps, k), np.nan),
       num_steps=0, converged=False, exhausted=False)
+
+
+def _start_program(op, size, basis_dtype, random):
+  """:func:`init`'s program placing the start (scaling a random one), kept
+  on the operator."""
+  programs = op.remembered(("lanczos start", size, basis_dtype))
+  name = "random start" if random else "start"
+  if name not in programs:
+    programs[name] = basis_lib.start_program(
+        op.template, size + 1, op.shardings, basis_dtype, normalize=random)
+  return programs[name]
+
+
+def compile_first(op, opts: _Options, pace: driver.Pace, v0, key,
+                  basis_dtype=None):
+  """Compiles a first call's programs together: the block program here, the
+  others (the random draw, the start's placement, the Ritz vectors') in a
+  second thread.
+
+  XLA:CPU compiles a program's kernels on every core but runs its HLO
+  passes and emits its kernels on one: on the peers' digits MLP the block
+  program spends about 0.8 s there, long enough to compile the others
+  (0.5 s) beside it. The block program compiles in the calling thread,
+  under its JAX contexts; another compiled otherwise there (a thread-local
+  context that changes its lowering) only compiles again when called. Once
+  per operator and options: a later call finds everything compiled.
+  """
+  done = op.remembered(("lanczos compiled", opts, basis_dtype, pace.loop,
+                        v0 is None))
+  if done:
+    return
+  start = _start_program(op, opts.size, basis_dtype, v0 is None)
+  beside = []
+  if v0 is None:
+    draw = op.random_program(normalize=False)
+    beside.append((draw, key))
+    v0 = jax.eval_shape(draw, key)
+  beside.append((start, v0))
+  basis, w = jax.eval_shape(start, v0)
+  # The Ritz vectors (:func:`result`): checked, a rotation and its head.
+  n, dtype = opts.size + 1, jax.tree.leaves(basis)[0].dtype
+  if opts.check_residuals:
+    beside += [(basis_lib.rotate, basis, jax.ShapeDtypeStruct((n, n), dtype)),
+               (basis_lib.combine, basis,
+                jax.ShapeDtypeStruct((n, opts.k), np.float32))]
+  else:
+    beside.append((basis_lib.combine, basis,
+                   jax.ShapeDtypeStruct((n, opts.k), dtype)))
+
+  def side():
+    for program, *args in beside:
+      program.lower(*args).compile()
+
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    compiled = pool.submit(side)
+    args, static = _steps_arguments(op, opts, pace.loop, basis, w)
+    _steps.lower(*args, **static).compile()
+    compiled.result()
+  done["compiled"] = True
+
+
+def _steps_arguments(op, opts: _Options, loop: bool, basis, w, *, place=0.0,
+                     t=None, j=0, count=1, arrow=False, may_converge=True,
+                     lam=None, check=False):
+  """``_steps``'s arguments and static arguments, in the types every call
+  passes (:func:`compile_first` compiles for the calls to come)."""
+  pass_fn, data = op.pass_program()
+  size = opts.size
+  return (op.params, basis, w, float(place), data,
+          np.zeros((size, size)) if t is None else np.asarray(t, np.float64),
+          np.int32(j), np.int32(count), np.bool_(arrow),
+          np.bool_(may_converge),
+          np.zeros(size) if lam is None else np.asarray(lam, np.float64),
+          np.bool_(check)), dict(pass_fn=pass_fn, opts=opts, loop=loop,
+                                 packing=_packing(op, basis))
 
 
 def _packing(op, basis) -> basis_lib.Packing:
@@ -401,18 +472,15 @@ def block(op, state: LanczosState, opts: _Options,
     if _plain_advance(state, opts):  # the program places q_{j+1}
       place = 1.0 / state.beta
     state = advance(op, state, opts, place=not place)
-  pass_fn, data = op.pass_program()
   op.note_pass_program("lanczos")
   count = min(pace.count(), opts.size - state.j,
               len(state.ritz) - state.num_steps)
   tick = time.perf_counter()
-  basis, w, t, c, table = _steps(
-      op.params, state.basis, state.w, place, data, state.t,
-      np.int32(state.j),
-      np.int32(count), np.bool_(state.j == state.kept and state.j > 0),
-      np.bool_(state.block == 0), np.zeros(opts.size), np.bool_(False),
-      pass_fn=pass_fn, opts=opts, loop=pace.loop,
-      packing=_packing(op, state.basis))
+  args, static = _steps_arguments(
+      op, opts, pace.loop, state.basis, state.w, place=place, t=state.t,
+      j=state.j, count=count, arrow=state.j == state.kept and state.j > 0,
+      may_converge=state.block == 0)
+  basis, w, t, c, table = _steps(*args, **static)
   t, c, table = (sharding_lib.host_value(a).astype(np.float64)
                  for a in (t, c, table))
   ran = int(np.sum(~np.isnan(table[:, 0])))
@@ -565,7 +633,6 @@ def _checked_in_blocks(op, state, y, lam, opts: _Options, pace: driver.Pace):
   Returns:
     ``(vectors, residuals)``: the vectors stacked on a leading axis.
   """
-  pass_fn, data = op.pass_program()
   op.note_pass_program("lanczos")
   p = len(lam)
   square = np.zeros((opts.size + 1, opts.size + 1))
@@ -575,14 +642,12 @@ def _checked_in_blocks(op, state, y, lam, opts: _Options, pace: driver.Pace):
   padded = np.zeros(opts.size)
   padded[:p] = lam
   tables = []
-  packing = _packing(op, ritz_basis)
   for start in range(0, p, p if pace.loop else 1):
-    ritz_basis, _, _, _, table = _steps(
-        op.params, ritz_basis, state.w, 0.0, data,
-        np.zeros((opts.size, opts.size)),
-        np.int32(start), np.int32(p - start if pace.loop else 1),
-        np.bool_(False), np.bool_(False), padded, np.bool_(True),
-        pass_fn=pass_fn, opts=opts, loop=pace.loop, packing=packing)
+    args, static = _steps_arguments(
+        op, opts, pace.loop, ritz_basis, state.w, j=start,
+        count=p - start if pace.loop else 1, may_converge=False, lam=padded,
+        check=True)
+    ritz_basis, _, _, _, table = _steps(*args, **static)
     tables.append(table)
   rows = np.concatenate([sharding_lib.host_value(t).astype(np.float64)[
       :p if pace.loop else 1] for t in tables])
@@ -756,6 +821,8 @@ def lanczos(op: operator_lib.HessianOperator, k: int, *, which: str = "LA",
   elif steps_per_call not in (None, "auto") and op.pass_program() is not None:
     pace = driver.Pace(int(steps_per_call))
   v0 = None if v0 is None else power.unit_start(op, v0, key, "v0")
+  if pace is not None:
+    compile_first(op, opts, pace, v0, key, basis_dtype)
   state = init(op, v0, size=opts.size,
                max_hvps=max_hvps, k=k, key=key, basis_dtype=basis_dtype)
   method = driver.Method(

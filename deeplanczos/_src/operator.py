@@ -719,8 +719,12 @@ class HessianOperator:
 
   def random_vector(self, key, *, kind: str = "normal", normalize=True):
     """A random vector on ``shardings``, generated sharded under ``jit``."""
+    return self.random_program(kind=kind, normalize=normalize)(key)
+
+  def random_program(self, *, kind: str = "normal", normalize=True):
+    """:meth:`random_vector`'s jitted ``key -> vector``."""
     programs = self.remembered(("random vector", kind, normalize))
     if "make" not in programs:
       programs["make"] = random_vector_fn(self.template, self.shardings,
                                           kind=kind, normalize=normalize)
-    return programs["make"](key)
+    return programs["make"]
