@@ -1,7 +1,6 @@
 """Lanczos, SLQ density and trace estimators against dense answers."""
 
 import functools
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -446,38 +445,6 @@ def test_convolutions_on_cpu_run_a_step_per_program():
   streamed = deeplanczos.HessianOperator(loss, params, batches,
                                          data_on_device=False)
   assert not streamed.loops_run_fast()
-
-
-@pytest.mark.parametrize("start", ["random", "given"])
-def test_first_call_compiles_the_rest_beside_the_block_program(
-    mlp, caplog, start):
-  """Each program of a first call compiles once: the block program in the
-  caller's thread, the start's and the Ritz vectors' in a second one."""
-  loss, params, batches, _, w, _ = mlp
-  op = deeplanczos.HessianOperator(loss, params, batches)
-  v0 = None if start == "random" else jax.tree.map(np.ones_like, params)
-  # A basis size of its own: no other test in the process has compiled it.
-  ncv = {"random": 11, "given": 12}[start]
-  jax.config.update("jax_log_compiles", True)
-  try:
-    with caplog.at_level("WARNING", logger="jax"):
-      r = deeplanczos.lanczos(op, 3, ncv=ncv, tol=1e-10, v0=v0,
-                              show_pbar=False)
-  finally:
-    jax.config.update("jax_log_compiles", False)
-  compiles = [(rec.getMessage(), rec.threadName) for rec in caplog.records
-              if rec.getMessage().startswith("Compiling ")]
-  messages = [m for m, _ in compiles]
-  assert len(messages) == len(set(messages)), messages  # nothing twice
-  main = threading.current_thread().name
-  assert [t for m, t in compiles if m.startswith("Compiling jit(_steps)")
-         ] == [main]
-  # The placement (a new program for each operator), the draw and the Ritz
-  # vectors' products (unless another test compiled them on these shapes).
-  beside = [t for m, t in compiles if m.startswith(
-      ("Compiling jit(make)", "Compiling jit(_combination)"))]
-  assert beside and main not in beside, compiles
-  np.testing.assert_allclose(r.eigenvalues, w[::-1][:3], rtol=1e-9)
 
 
 def test_auto_keeps_to_the_operators_compiled_pass(mlp, monkeypatch):

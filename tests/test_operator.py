@@ -1,6 +1,8 @@
 """The operator's speed mechanics keep its answers: compile caching, data on
 the devices, one reduction per pass, compiled power loops, warm starts."""
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -335,6 +337,52 @@ def test_bad_parameters_and_batches_are_named(params, batches, message):
   with pytest.raises((ValueError, TypeError), match=message):
     deeplanczos.power_iteration(loss, params, batches, num_iterations=2,
                                 show_pbar=False)
+
+
+@pytest.mark.parametrize("method", [
+    "lanczos", "lanczos from v0", "density", "power"])
+def test_a_first_call_compiles_the_start_beside_the_loop(caplog, method):
+  """A method's first call compiles each program once: its compiled loop
+  in the caller's thread, its start (and Lanczos's Ritz vectors') in a
+  second one, at the same time."""
+  loss, params, x, y = helpers.mlp_problem(d=3)  # shapes no other test has
+  h, _ = helpers.dense_hessian(loss, params, x, y)
+  w = np.linalg.eigvalsh(h)
+  op = deeplanczos.HessianOperator(loss, params,
+                                   helpers.batches_of(x, y, [20, 20, 20]))
+  ones = jax.tree.map(np.ones_like, params)
+  runs = {
+      "lanczos": lambda: deeplanczos.lanczos(op, 3, tol=1e-10,
+                                             show_pbar=False).eigenvalues,
+      "lanczos from v0": lambda: deeplanczos.lanczos(
+          op, 3, tol=1e-10, v0=ones, show_pbar=False).eigenvalues,
+      "density": lambda: [np.nanmax(deeplanczos.spectral_density(
+          op, num_probes=2, num_steps=len(w), show_pbar=False).nodes)],
+      "power": lambda: [deeplanczos.power_iteration(
+          op, num_iterations=500, tol=1e-13, show_pbar=False).eigenvalue],
+  }
+  jax.config.update("jax_log_compiles", True)
+  try:
+    with caplog.at_level("WARNING", logger="jax"):
+      got = runs[method]()
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  compiles = [(r.getMessage().split(" with ")[0].split()[-1], r.getMessage(),
+               r.threadName) for r in caplog.records
+              if r.getMessage().startswith("Compiling ")]
+  messages = [m for _, m, _ in compiles]
+  assert len(messages) == len(set(messages)), messages  # nothing twice
+  threads = {}
+  for name, _, thread in compiles:
+    threads.setdefault(name, []).append(thread)
+  main = threading.current_thread().name
+  loop = {"density": "jit(_tridiagonalize_loop)",
+          "power": "jit(_iterations)"}.get(method, "jit(_steps)")
+  assert threads[loop] == [main]
+  beside = threads["jit(make)"] + threads.get("jit(_combination)", [])
+  assert main not in beside, compiles
+  top = sorted(w, key=abs)[::-1] if method == "power" else w[::-1]
+  np.testing.assert_allclose(got[:3], top[:len(got[:3])], rtol=1e-7)
 
 
 def test_a_second_call_of_every_method_compiles_nothing(caplog):

@@ -20,10 +20,13 @@ long run needs:
   guarding a longer job sees it too.
 
 A method that runs many products in one compiled loop asks
-:func:`loops_pay` whether to, and :class:`Pace` how many to a block.
+:func:`loops_pay` whether to, and :class:`Pace` how many to a block, and on
+its first call compiles the loop and its smaller programs together
+(:func:`compile_together`).
 """
 
 from collections.abc import Callable
+import concurrent.futures
 import math
 import signal
 import threading
@@ -255,6 +258,32 @@ def loops_pay(op, name: str) -> bool:
   """
   programs = op.pass_programs()
   return op.loops_run_fast() and (name in programs or not programs)
+
+
+def compile_together(loop, others):
+  """Compiles a method's loop here and its other programs beside it.
+
+  ``loop`` is ``(jitted, args, kwargs)``, ``others`` ``(jitted, *args)``
+  each; arguments may be abstract (``jax.ShapeDtypeStruct`` with shardings)
+  as long as the calls to come pass the same types, shapes and shardings:
+  the calls then find the programs compiled. XLA:CPU compiles a program's
+  kernels on every core but runs its HLO passes and emits its kernels on
+  one: on the peers' digits MLP a loop holding the pass spends about 0.8 s
+  there, long enough to compile a method's start (a random draw, its
+  placement: 0.5 s) in a second thread. The loop compiles in the calling
+  thread, under its JAX contexts; another program compiled otherwise there
+  (a thread-local context that changes its lowering) only compiles again
+  when called.
+  """
+  def beside():
+    for program, *args in others:
+      program.lower(*args).compile()
+
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    compiled = pool.submit(beside)
+    program, args, kwargs = loop
+    program.lower(*args, **kwargs).compile()
+    compiled.result()
 
 
 class Pace:

@@ -19,7 +19,6 @@ leaf keeps its sharding; the tiny projected matrix ``T`` is solved in float64
 on the host.
 """
 
-import concurrent.futures
 import functools
 import time
 from typing import Any, NamedTuple
@@ -203,49 +202,33 @@ def _start_program(op, size, basis_dtype, random):
 
 def compile_first(op, opts: _Options, pace: driver.Pace, v0, key,
                   basis_dtype=None):
-  """Compiles a first call's programs together: the block program here, the
-  others (the random draw, the start's placement, the Ritz vectors') in a
-  second thread.
-
-  XLA:CPU compiles a program's kernels on every core but runs its HLO
-  passes and emits its kernels on one: on the peers' digits MLP the block
-  program spends about 0.8 s there, long enough to compile the others
-  (0.5 s) beside it. The block program compiles in the calling thread,
-  under its JAX contexts; another compiled otherwise there (a thread-local
-  context that changes its lowering) only compiles again when called. Once
-  per operator and options: a later call finds everything compiled.
-  """
+  """Compiles a first call's block program and, beside it, the random draw,
+  the start's placement and the Ritz vectors' products
+  (:func:`driver.compile_together`). Once per operator and options: a later
+  call finds everything compiled."""
   done = op.remembered(("lanczos compiled", opts, basis_dtype, pace.loop,
                         v0 is None))
   if done:
     return
   start = _start_program(op, opts.size, basis_dtype, v0 is None)
-  beside = []
+  others = []
   if v0 is None:
     draw = op.random_program(normalize=False)
-    beside.append((draw, key))
+    others.append((draw, key))
     v0 = jax.eval_shape(draw, key)
-  beside.append((start, v0))
+  others.append((start, v0))
   basis, w = jax.eval_shape(start, v0)
   # The Ritz vectors (:func:`result`): checked, a rotation and its head.
   n, dtype = opts.size + 1, jax.tree.leaves(basis)[0].dtype
   if opts.check_residuals:
-    beside += [(basis_lib.rotate, basis, jax.ShapeDtypeStruct((n, n), dtype)),
+    others += [(basis_lib.rotate, basis, jax.ShapeDtypeStruct((n, n), dtype)),
                (basis_lib.combine, basis,
                 jax.ShapeDtypeStruct((n, opts.k), np.float32))]
   else:
-    beside.append((basis_lib.combine, basis,
+    others.append((basis_lib.combine, basis,
                    jax.ShapeDtypeStruct((n, opts.k), dtype)))
-
-  def side():
-    for program, *args in beside:
-      program.lower(*args).compile()
-
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    compiled = pool.submit(side)
-    args, static = _steps_arguments(op, opts, pace.loop, basis, w)
-    _steps.lower(*args, **static).compile()
-    compiled.result()
+  driver.compile_together(
+      (_steps, *_steps_arguments(op, opts, pace.loop, basis, w)), others)
   done["compiled"] = True
 
 
@@ -959,22 +942,29 @@ def tridiagonalize_many(op: operator_lib.HessianOperator, keys,
   num_steps = min(num_steps, tree_math.tree_size(op.template))
   size = num_steps + 1
   programs = op.remembered(("slq start", count, size))
-  if "start" not in programs:
+  first = "start" not in programs
+  if first:
     programs["start"] = basis_lib.stack_start_program(
         op.template, count, size, op.shardings, operator_lib.random_draw(
             op.template, op.shardings, "rademacher"))
-  bases = programs["start"](keys)
-  tiny = 100 * float(jnp.finfo(jax.tree.leaves(bases)[0].dtype).eps)
+  start = programs["start"]
+  abstract = jax.eval_shape(start, keys)
+  tiny = 100 * float(jnp.finfo(jax.tree.leaves(abstract)[0].dtype).eps)
   t = np.zeros((count, num_steps, num_steps))
   steps = np.full(count, num_steps)
   if op.loops_run_fast():
     pass_fn, data = op.pass_program()
     op.note_pass_program("slq")
+    static = dict(pass_fn=pass_fn, num_steps=num_steps,
+                  packing=basis_lib.packing(op.template, op.shardings,
+                                            abstract))
+    if first:  # the start compiles beside the loop
+      driver.compile_together((_tridiagonalize_loop,
+                               (op.params, abstract, data, tiny), static),
+                              [(start, keys)])
     table, stats = (sharding_lib.host_value(a).astype(np.float64)
                     for a in _tridiagonalize_loop(
-                        op.params, bases, data, tiny, pass_fn=pass_fn,
-                        num_steps=num_steps, packing=basis_lib.packing(
-                            op.template, op.shardings, bases)))
+                        op.params, start(keys), data, tiny, **static))
     for j in range(num_steps):
       if np.isnan(stats[j, 0, 0]):
         break
@@ -989,6 +979,7 @@ def tridiagonalize_many(op: operator_lib.HessianOperator, keys,
         else:
           steps[p] = j + 1
     return [t[p, :steps[p], :steps[p]] for p in range(count)]
+  bases = start(keys)
   keep = np.ones(count, bool)
   for j in range(num_steps):
     w = op.matvecs(jax.tree.map(lambda b: b[:, j], bases),

@@ -177,14 +177,12 @@ def steps(op, state: PowerState, *, tol: float | None, n: int,
   Needs the data on the devices in one program (``op.pass_program()``);
   the host reads the iterations' numbers once.
   """
-  pass_fn, data = op.pass_program()
   op.note_pass_program("power")
   k = state.count
   previous = state.eigenvalues[k - 1] if k else np.nan
-  v, rows = _iterations(op.params, state.v, data, np.float64(previous),
-                        -1.0 if tol is None else float(tol),
-                        np.int32(n if up_to is None else up_to),
-                        pass_fn=pass_fn, n=n)
+  args, static = _iterations_arguments(op, state.v, previous, tol,
+                                       n if up_to is None else up_to, n)
+  v, rows = _iterations(*args, **static)
   eigenvalues, alphas, qs = (a.copy() for a in (state.eigenvalues,
                                                  state.alpha, state.q))
   converged, count = False, k
@@ -200,6 +198,15 @@ def steps(op, state: PowerState, *, tol: float | None, n: int,
         row[0] - eigenvalues[k + i - 1]) <= tol * abs(row[0]))
   return PowerState(v, eigenvalues, alphas, qs, count, float(op.loss_value),
                     converged)
+
+
+def _iterations_arguments(op, v, previous, tol, count, n):
+  """``_iterations``' arguments and static arguments, in the types every
+  call passes (:func:`power_iteration` compiles for the calls to come)."""
+  pass_fn, data = op.pass_program()
+  return (op.params, v, data, np.float64(previous),
+          -1.0 if tol is None else float(tol), np.int32(count)), dict(
+              pass_fn=pass_fn, n=n)
 
 
 def result(state: PowerState, run: driver.Run) -> PowerResult:
@@ -277,6 +284,13 @@ def power_iteration(op: operator_lib.HessianOperator, *,
     n = min(iterations_per_call, num_iterations)
     one = lambda op, s: steps(op, s, tol=tol, n=n,
                               up_to=min(n, num_iterations - s.count))
+    compiled = op.remembered(("power compiled", n))
+    if v0 is None and not compiled:  # the random start compiles beside
+      key = jax.random.key(0) if key is None else key
+      draw = op.random_program()
+      driver.compile_together((_iterations, *_iterations_arguments(
+          op, jax.eval_shape(draw, key), np.nan, tol, n, n)), [(draw, key)])
+      compiled["compiled"] = True
   method = driver.Method(
       name="power method",
       step=one,
