@@ -243,6 +243,35 @@ def test_fsdp_matches_one_device(shape, one_device):
   np.testing.assert_allclose(got.eigenvalues, ref.eigenvalues, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape,fsdp", [((8, 1), False), ((4, 2), False),
+                                        ((2, 4), True)])
+def test_lanczos_compiles_its_block_program_once_on_a_mesh(shape, fsdp,
+                                                           caplog):
+  """Every block and the explicit checks run the program compiled for the
+  first block: the last ``w`` comes back on the vectors' shardings, not the
+  basis's split over every device."""
+  loss, params, x, y = wide_mlp_problem()
+  w = np.linalg.eigvalsh(helpers.dense_hessian(loss, params, x, y)[0])
+  mesh = deeplanczos.make_mesh([("data", shape[0]), ("model", shape[1])])
+  shardings = RULE(params, mesh, fsdp_axis="data" if fsdp else None)
+  op = deeplanczos.HessianOperator(
+      loss, sharding_lib.put(params, shardings),
+      helpers.batches_of(x, y, [16, 16, 16, 8, 5]), mesh=mesh,
+      shardings=shardings)
+  jax.config.update("jax_log_compiles", True)
+  try:
+    with caplog.at_level("WARNING", logger="jax"):
+      # A tol of its own: no other test in the process compiled its program.
+      r = deeplanczos.lanczos(op, 3, tol=3e-9, show_pbar=False)
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  compiled = [rec.getMessage() for rec in caplog.records
+              if rec.getMessage().startswith("Compiling jit(_steps)")]
+  assert len(compiled) == 1, compiled
+  assert r.converged and r.krylov_hvps > 1  # blocks: one step, then more
+  np.testing.assert_allclose(r.eigenvalues, w[::-1][:3], rtol=1e-6)
+
+
 def per_device_bytes(tree):
   held = {}
   for leaf in jax.tree.leaves(tree):

@@ -245,7 +245,9 @@ def _steps_arguments(op, opts: _Options, loop: bool, basis, w, *, place=0.0,
           np.bool_(may_converge),
           np.zeros(size) if lam is None else np.asarray(lam, np.float64),
           np.bool_(check)), dict(pass_fn=pass_fn, opts=opts, loop=loop,
-                                 packing=_packing(op, basis))
+                                 packing=_packing(op, basis),
+                                 shardings=tuple(jax.tree.leaves(
+                                     op.shardings)))
 
 
 def _packing(op, basis) -> basis_lib.Packing:
@@ -343,10 +345,11 @@ def _test(t, a, beta, opts: _Options):
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("pass_fn", "opts", "loop", "packing"),
+                   static_argnames=("pass_fn", "opts", "loop", "packing",
+                                    "shardings"),
                    donate_argnums=(1,))
 def _steps(params, basis, w, place, data, t, j, count, arrow, may_converge,
-           lam, check, *, pass_fn, opts, loop, packing):
+           lam, check, *, pass_fn, opts, loop, packing, shardings):
   """Up to ``count`` Lanczos steps from slot ``j`` in one program.
 
   With ``place`` non-zero, slot ``j`` first takes ``place * w`` (the
@@ -376,7 +379,10 @@ def _steps(params, basis, w, place, data, t, j, count, arrow, may_converge,
     ``(m, 5 + k)``: the pass's numbers, ``||w||``, whether it was a
     near-breakdown, and the wanted Ritz values; NaN after the last step.
     The steps work on the basis packed by ``packing``
-    (:class:`basis.Packing`).
+    (:class:`basis.Packing`); ``w`` comes back on ``shardings`` (the
+    vectors', a leaf each), as it came in: orthogonalized against a basis
+    split over every device, XLA would otherwise leave it split so too, and
+    the next block would compile again.
   """
   basis = packing.pack(basis, lead=1)
   first = jax.tree.map(
@@ -438,7 +444,11 @@ def _steps(params, basis, w, place, data, t, j, count, arrow, may_converge,
   else:  # one step: XLA:CPU runs loop bodies without its fast kernels
     carry = body(carry)
   _, basis, w, t, c, table, _, _, _ = carry
-  return packing.unpack(basis, lead=1), packing.unpack(w), t, c, table
+  w = packing.unpack(w)
+  w = jax.tree.unflatten(jax.tree.structure(w), [
+      jax.lax.with_sharding_constraint(x, s)
+      for x, s in zip(jax.tree.leaves(w), shardings)])
+  return packing.unpack(basis, lead=1), w, t, c, table
 
 
 def block(op, state: LanczosState, opts: _Options,
