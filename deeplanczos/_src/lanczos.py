@@ -445,9 +445,8 @@ def _steps(params, basis, w, place, data, t, j, count, arrow, may_converge,
     carry = body(carry)
   _, basis, w, t, c, table, _, _, _ = carry
   w = packing.unpack(w)
-  w = jax.tree.unflatten(jax.tree.structure(w), [
-      jax.lax.with_sharding_constraint(x, s)
-      for x, s in zip(jax.tree.leaves(w), shardings)])
+  w = jax.lax.with_sharding_constraint(
+      w, jax.tree.unflatten(jax.tree.structure(w), shardings))
   return packing.unpack(basis, lead=1), w, t, c, table
 
 
